@@ -1,0 +1,126 @@
+"""The ``resnet-lab`` command. Bad input: one line on stderr, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import TrainConfig, apply, field_help, load_toml, parse_overrides
+from .errors import UserError
+
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line too (it prints the usage block by default)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="plain-N / resnet-N, N = 6n+2 (CIFAR family) or 18/34 (ImageNet family)")
+    p.add_argument("--dataset", help="fashion-mnist, cifar10 or synthetic")
+    p.add_argument("--iterations", type=int, help="training iterations (replaces epochs)")
+    p.add_argument("--epochs", type=int, help="training epochs, the d2l form (replaces iterations)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--data-dir", help="directory with the dataset's original files")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment name (default resnet_lab)")
+    p.add_argument("--config", help="TOML file of config fields (see --help-config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set lr=0.05 --set milestones=1000,1500 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--help-config", action="store_true", help="list every config field with its type and default")
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config file < named flags < --set, validated."""
+    cfg = TrainConfig()
+    if args.config:
+        cfg = apply(cfg, load_toml(args.config), args.config)
+    flags = {k: v for k, v in {
+        "model": args.model, "dataset": args.dataset, "seed": args.seed, "device": args.device,
+        "data_dir": args.data_dir, "tracking_uri": args.tracking_uri, "experiment": args.experiment,
+    }.items() if v is not None}
+    if args.iterations is not None:
+        flags.update(iterations=args.iterations, epochs=None)
+    if args.epochs is not None:
+        flags.update(epochs=args.epochs, iterations=None)
+    if args.iterations is not None and args.epochs is not None:
+        raise UserError("give --iterations or --epochs, not both")
+    if args.no_progress:
+        flags["progress"] = False
+    cfg = apply(cfg, flags, "the command line")
+    cfg = apply(cfg, parse_overrides(args.set), "--set")
+    return cfg.validate()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        print(field_help())
+        return 0
+    from .train import train
+
+    result = train(build_config(args))
+    if result.status != "FINISHED":
+        print(f"resnet-lab: run {result.run_id} {result.status.lower()}: {result.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    m = result.metrics
+    print(f"run {result.run_id} finished: {result.iterations} iterations, train error {m.get('train/error', float('nan')):.2f} %, "
+          f"test error {m.get('test/error', float('nan')):.2f} %")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from .models import build_model, count_parameters, layer_table
+
+    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "synthetic": (1, 28, 28)}
+    if args.dataset not in shapes:
+        raise UserError(f"unknown dataset {args.dataset!r}: use one of {', '.join(shapes)}")
+    c, h, w = shapes[args.dataset]
+    if args.resize:
+        h = w = args.resize
+    model = build_model(args.model, in_channels=c, num_classes=10, shortcut=args.shortcut)
+    rows = layer_table(model, (c, h, w))
+    width = max(len(r[0]) for r in rows)
+    print(f"{model.spec.name} ({model.spec.arch}, shortcut {model.shortcut_option if model.spec.residual else 'none'}) "
+          f"on {args.dataset} {c}x{h}x{w}")
+    print(f"{'layer':{width}s}  {'type':16s} {'output':>14s} {'params':>9s}")
+    for name, kind, shape, params in rows:
+        print(f"{name:{width}s}  {kind:16s} {'x'.join(map(str, shape)):>14s} {params:9,d}")
+    print(f"parameters: {count_parameters(model)}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="resnet-lab", description="Plain vs residual networks at depth (He et al. 2016).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="train one net, logged as one MLflow run")
+    _train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("describe", help="print a model's layer table and parameter count")
+    p.add_argument("model", help="e.g. resnet-56, plain-20, resnet-18")
+    p.add_argument("--dataset", default="cifar10", help="sets input channels and size (default cifar10)")
+    p.add_argument("--resize", type=int, help="input size, e.g. 96 or 224 for the ImageNet family")
+    p.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (default: family default)")
+    p.set_defaults(func=cmd_describe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = make_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"resnet-lab: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("resnet-lab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

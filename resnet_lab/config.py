@@ -1,0 +1,228 @@
+"""The training configuration: one typed dataclass, loadable from TOML, every field overridable.
+
+Validation happens here, before anything is built or logged, so that bad input becomes one
+``UserError`` line and never an empty MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are He et al. 2016 Sec. 4.2 (CIFAR-10); see experiments/ for whole studies."""
+
+    # model
+    model: str = "resnet-20"
+    shortcut: str | None = None  # A / B / C; None = family default (A for CIFAR nets, B for 18/34)
+    zero_init_residual: bool = False
+    # data
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    data_root: str = "data"
+    resize: int | None = None
+    val_size: int = 0  # paper: 5000 (45k/5k split)
+    train_size: int | None = None  # subset of train for quick runs
+    augment: bool = True  # pad 4 + random crop + horizontal flip
+    # optimisation (iteration based; `epochs` is the d2l form and replaces `iterations`)
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    iterations: int | None = 64000
+    epochs: int | None = None
+    # lr drops, in iterations; None = the paper's 32k/48k of 64k, i.e. at 50 % and 75 % of the run
+    milestones: list[int] | None = None
+    lr_decay: float = 0.1
+    warmup_iterations: int = 0  # paper: ~400 for ResNet-110
+    warmup_lr: float = 0.01
+    # evaluation and logging
+    eval_every: int = 2000
+    eval_batch_size: int = 1000
+    log_every: int = 100
+    # probes (resnet_lab.probes)
+    probes: bool = True
+    grad_every: int = 1
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto / cpu / cuda / cuda:N
+    tracking_uri: str | None = None
+    experiment: str = "resnet_lab"
+    run_name: str | None = None  # default "<model>-s<seed>"
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; raise UserError naming the field and a valid alternative."""
+        from .data import DATASETS
+        from .models import SHORTCUTS, parse_model_name
+
+        parse_model_name(self.model)
+        if self.dataset not in DATASETS:
+            raise UserError(f"unknown dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
+        if self.shortcut is not None and self.shortcut not in SHORTCUTS:
+            raise UserError(f"shortcut must be one of {', '.join(SHORTCUTS)} (or unset for the family default), got {self.shortcut!r}")
+        for name in ("batch_size", "eval_every", "eval_batch_size", "log_every", "grad_every"):
+            _positive(self, name)
+        for name in ("lr", "warmup_lr", "lr_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"{name} must be a positive number, got {value}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{name} must be >= 0, got {value}")
+        for name in ("val_size", "warmup_iterations", "seed"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("resize", "train_size"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        if (self.iterations is None) == (self.epochs is None):
+            raise UserError("set exactly one of iterations and epochs (e.g. --set epochs=10 --set iterations=none)")
+        _positive(self, "iterations" if self.epochs is None else "epochs")
+        ms = self.milestones or []
+        if any(b <= a for a, b in zip(ms, ms[1:])) or any(m <= 0 for m in ms):
+            raise UserError(f"milestones must be positive and strictly increasing iterations, got {self.milestones}")
+        if self.iterations is not None:
+            self.check_schedule(self.iterations)
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+    def resolved(self, total_iterations: int) -> "TrainConfig":
+        """A copy with the milestones filled in for a run of ``total_iterations``, checked."""
+        ms = self.milestones if self.milestones is not None else [total_iterations // 2, total_iterations * 3 // 4]
+        out = dataclasses.replace(self, milestones=ms)
+        out.check_schedule(total_iterations)
+        return out
+
+    def check_schedule(self, total_iterations: int) -> None:
+        """Milestones and warm-up must fall inside the run (also checked once epochs are resolved)."""
+        if self.milestones and self.milestones[-1] >= total_iterations:
+            raise UserError(f"milestone {self.milestones[-1]} is not before the last iteration {total_iterations}: "
+                            "lower the milestones or raise iterations")
+        if self.warmup_iterations >= total_iterations:
+            raise UserError(f"warmup_iterations {self.warmup_iterations} must be below the run length {total_iterations}")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.model}-s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _positive(cfg: TrainConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if value is None or value <= 0:
+        raise UserError(f"{name} must be a positive integer, got {value}")
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML value or a --set string into the field's type, or raise UserError."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if isinstance(value, str) and optional and value.strip().lower() in ("none", "null", ""):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{name} cannot be empty")
+    origin = typing.get_origin(base)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(base)
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [_scalar(item, v) for v in value]
+        return _scalar(base, value)
+    except (ValueError, TypeError):
+        raise UserError(f"{name} expects {_type_name(hint)}, got {value!r}") from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise ValueError
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    raise TypeError(kind)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    """A copy of ``cfg`` with ``values`` applied; unknown keys are an error naming ``source``."""
+    changes = {}
+    for key, value in values.items():
+        if key not in _FIELDS:
+            close = [k for k in _FIELDS if k.split("_")[0] == key.split("_")[0]]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"unknown config key {key!r} in {source}{hint}; see 'resnet-lab train --help-config'")
+        changes[key] = _coerce(key, value)
+    return dataclasses.replace(cfg, **changes)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; its keys are TrainConfig fields (a [train] table is accepted too)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    return data.get("train", data) if isinstance(data.get("train"), dict) else data
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["lr=0.05", "milestones=100,200"]`` -> dict; each item must be key=value."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {item!r} (e.g. --set lr=0.05)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def field_help() -> str:
+    """One line per field: name, type, default (for --help-config)."""
+    cfg = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
+    return "\n".join(f"  {f.name:20s} {_type_name(hints[f.name]):16s} default {getattr(cfg, f.name)!r}" for f in fields(cfg))
