@@ -103,7 +103,7 @@ def prepare(cfg: TrainConfig) -> Setup:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         shortcut=cfg.shortcut, zero_init_residual=cfg.zero_init_residual)
-    return Setup(cfg, device, data, model, iterations)
+    return Setup(cfg, device, data, model, iterations)  # cfg here is the resolved copy
 
 
 def run_tags(s: Setup) -> dict[str, str]:
@@ -124,6 +124,7 @@ def run_tags(s: Setup) -> dict[str, str]:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train one net and log it as one MLflow run; returns how it ended."""
     s = prepare(cfg)
+    cfg = s.cfg  # resolved: milestones filled in
     tracker = RunTracker(resolve_tracking_uri(cfg.tracking_uri), cfg.experiment, cfg.name,
                          params=cfg.to_dict(), tags=run_tags(s))
     try:

@@ -1,0 +1,84 @@
+"""The config is typed and validated before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from resnet_lab.config import TrainConfig, apply, load_toml, parse_overrides
+from resnet_lab.errors import UserError
+from resnet_lab.train import lr_at
+
+
+def test_paper_schedule_with_warmup() -> None:
+    """He et al. 4.2: lr 0.1, /10 at 32k and 48k; ResNet-110 warms up at 0.01 for ~400 iterations."""
+    cfg = TrainConfig(warmup_iterations=400).resolved(64000)
+    assert cfg.milestones == [32000, 48000]
+    assert [lr_at(cfg, i) for i in (0, 399, 400, 31999)] == [0.01, 0.01, 0.1, 0.1]
+    assert lr_at(cfg, 32000) == pytest.approx(0.01)
+    assert lr_at(cfg, 48000) == pytest.approx(0.001)
+    assert lr_at(cfg, 63999) == pytest.approx(0.001)
+
+
+def test_default_milestones_scale_with_the_run_length() -> None:
+    assert TrainConfig(iterations=1000).resolved(1000).milestones == [500, 750]
+    assert TrainConfig(milestones=[10, 20]).resolved(1000).milestones == [10, 20]
+
+
+def test_toml_and_overrides_are_typed(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('model = "plain-56"\nlr = 0.05\nmilestones = [100, 200]\naugment = false\n')
+    cfg = apply(TrainConfig(), load_toml(f), str(f))
+    cfg = apply(cfg, parse_overrides(["batch_size=64", "shortcut=B", "resize=none", "iterations=3e2"]), "--set")
+    assert (cfg.model, cfg.lr, cfg.milestones, cfg.augment) == ("plain-56", 0.05, [100, 200], False)
+    assert (cfg.batch_size, cfg.shortcut, cfg.resize, cfg.iterations) == (64, "B", None, 300)
+    cfg.validate()
+
+
+def test_a_train_table_in_toml_is_accepted(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nmodel = "resnet-32"\n')
+    assert apply(TrainConfig(), load_toml(f), str(f)).model == "resnet-32"
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"lr": "abc"}, "lr expects"),
+    ({"batch_size": "1.5"}, "batch_size expects"),
+    ({"augment": "maybe"}, "augment expects"),
+    ({"milestones": "a,b"}, "milestones expects"),
+    ({"learning_rate": "0.1"}, "unknown config key 'learning_rate'"),
+])
+def test_bad_values_name_the_key(values: dict[str, str], match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        apply(TrainConfig(), values, "--set")
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"lr": 0.0}, "lr must be a positive"),
+    ({"lr": float("nan")}, "lr must be a positive"),
+    ({"batch_size": 0}, "batch_size must be a positive"),
+    ({"iterations": -5}, "iterations must be a positive"),
+    ({"iterations": None}, "exactly one of iterations and epochs"),
+    ({"epochs": 3}, "exactly one of iterations and epochs"),
+    ({"milestones": [300, 200]}, "strictly increasing"),
+    ({"milestones": [100, 64000]}, "not before the last iteration"),
+    ({"warmup_iterations": 64000}, "warmup_iterations"),
+    ({"model": "resnet-21"}, r"6n\+2"),
+    ({"dataset": "mnist"}, "unknown dataset"),
+    ({"shortcut": "D"}, "shortcut must be"),
+    ({"momentum": -0.1}, "momentum must be"),
+    ({"device": "tpu"}, "device must be"),
+])
+def test_validation_rejects_impossible_settings(changes: dict, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        TrainConfig(**changes).validate()
+
+
+def test_unreadable_and_invalid_config_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cannot read config file"):
+        load_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr = = 1")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_toml(bad)

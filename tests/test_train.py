@@ -1,0 +1,106 @@
+"""One training run, end to end: it learns, it is reproducible, it leaves a complete MLflow run."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from resnet_lab.cli import main
+from resnet_lab.config import TrainConfig
+from resnet_lab.train import train
+
+
+def _cfg(tracking_uri: str, experiment: str, **changes: object) -> TrainConfig:
+    base = TrainConfig(model="resnet-8", dataset="synthetic", iterations=40, log_every=10, eval_every=20,
+                       eval_batch_size=256, batch_size=64, tracking_uri=tracking_uri, experiment=experiment,
+                       progress=False)
+    return dataclasses.replace(base, **changes)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_synthetic_run_learns_and_logs_a_complete_run(tracking_uri: str) -> None:
+    result = train(_cfg(tracking_uri, "complete"))
+    assert result.status == "FINISHED"
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "resnet-8-s0"
+    assert run.data.params["model"] == "resnet-8" and run.data.params["lr"] == "0.1"
+    assert run.data.params["milestones"] == "[20, 30]"  # resolved: 50 % and 75 % of 40 iterations
+    tags = run.data.tags
+    assert (tags["arch"], tags["depth"], tags["shortcut"], tags["dataset"], tags["seed"]) == \
+        ("residual", "8", "A", "synthetic", "0")
+    for key in ("device", "torch_version", "git_commit"):
+        assert tags[key]
+    assert [s for s, _ in _history(client, result.run_id, "train/loss")] == [10, 20, 30, 40]
+    assert [s for s, _ in _history(client, result.run_id, "test/error")] == [20, 40]
+    # A point at step t describes the window of iterations before t: lr drops at 20 and 30 show at 30 and 40.
+    assert [v for _, v in _history(client, result.run_id, "lr")] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    for key in ("train/error", "test/loss", "perf/images_per_s"):
+        assert len(_history(client, result.run_id, key)) >= 2
+    losses = [v for _, v in _history(client, result.run_id, "train/loss")]
+    assert losses[-1] < losses[0] * 0.5  # the synthetic task is learnable
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.json", "model", "probes"} <= artifacts
+    assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/state_dict.pt"]
+
+
+def test_same_seed_same_metrics_on_cpu(tracking_uri: str) -> None:
+    a = train(_cfg(tracking_uri, "repro", iterations=20))
+    b = train(_cfg(tracking_uri, "repro", iterations=20))
+    c = train(_cfg(tracking_uri, "repro", iterations=20, seed=1))
+    client = MlflowClient(tracking_uri)
+    for key in ("train/loss", "train/error", "test/loss", "test/error"):
+        assert _history(client, a.run_id, key) == _history(client, b.run_id, key)
+    assert _history(client, a.run_id, "train/loss") != _history(client, c.run_id, "train/loss")
+
+
+def test_validation_split_is_evaluated(tracking_uri: str) -> None:
+    result = train(_cfg(tracking_uri, "val", iterations=10, eval_every=10, val_size=256))
+    client = MlflowClient(tracking_uri)
+    assert [s for s, _ in _history(client, result.run_id, "val/error")] == [10]
+    assert client.get_run(result.run_id).data.tags["train_examples"] == str(2048 - 256)
+
+
+def test_divergence_marks_the_run_failed_with_the_reason(tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", "--model", "plain-8", "--dataset", "synthetic", "--iterations", "20", "--no-progress",
+                 "--tracking-uri", tracking_uri, "--experiment", "diverge",
+                 "--set", "lr=1e30", "--set", "log_every=5", "--set", "batch_size=32"])
+    assert code == 1
+    assert "non-finite" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "non-finite" in runs[0].data.tags["failure_reason"]
+
+
+def test_epochs_form_sets_the_run_length(tracking_uri: str) -> None:
+    result = train(_cfg(tracking_uri, "epochs", iterations=None, epochs=1, batch_size=256, eval_every=1000))
+    assert result.iterations == 2048 // 256
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_100_iterations_lower_the_loss(tmp_path: Path, fashion_mnist_dir: Path,
+                                                          tracking_uri: str) -> None:
+    code = main(["train", "--model", "resnet-8", "--dataset", "fashion-mnist", "--iterations", "100",
+                 "--data-dir", str(fashion_mnist_dir), "--tracking-uri", tracking_uri,
+                 "--experiment", "real-fashion", "--no-progress", "--set", "log_every=20", "--set", "eval_every=100"])
+    assert code == 0
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["real-fashion"])
+    assert len(runs) == 1
+    row = runs.iloc[0]
+    assert row["status"] == "FINISHED" and row["params.dataset"] == "fashion-mnist"
+    assert row["tags.train_examples"] == "60000" and row["tags.arch"] == "residual"
+    assert row["metrics.test/error"] < 40.0  # 10 classes: chance is 90 %
+    client = MlflowClient(tracking_uri)
+    losses = [v for _, v in _history(client, row["run_id"], "train/loss")]
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    artifacts = {a.path for a in client.list_artifacts(row["run_id"], "probes")}
+    assert any(p.endswith(".parquet") for p in artifacts)
