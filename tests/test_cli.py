@@ -1,0 +1,105 @@
+"""Bad input: one line on stderr, exit 2, and no MLflow store or run left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import resnet_lab.data as data_mod
+from resnet_lab.cli import main
+
+TRAIN = ["train", "--dataset", "synthetic", "--model", "resnet-8", "--iterations", "10", "--no-progress"]
+
+
+def _bad_toml(tmp: Path) -> str:
+    f = tmp / "bad.toml"
+    f.write_text("model = \n")
+    return str(f)
+
+
+def _unknown_key_toml(tmp: Path) -> str:
+    f = tmp / "unknown.toml"
+    f.write_text("learning_rate = 0.1\n")
+    return str(f)
+
+
+BAD_INPUTS = {
+    "unknown model": (["--model", "vgg-16"], "unknown model"),
+    "depth not 6n+2": (["--model", "resnet-21"], "6n+2"),
+    "plain depth not 18/34": (["--model", "plain-19"], "18/34"),
+    "unknown dataset": (["--dataset", "mnist"], "unknown dataset"),
+    "lr zero": (["--set", "lr=0"], "lr must be a positive"),
+    "lr negative": (["--set", "lr=-0.1"], "lr must be a positive"),
+    "batch not positive": (["--set", "batch_size=0"], "batch_size must be a positive"),
+    "iterations not positive": (["--iterations", "0"], "iterations must be a positive"),
+    "milestones not increasing": (["--set", "milestones=8,4"], "strictly increasing"),
+    "milestone beyond the run": (["--set", "milestones=5,10"], "not before the last iteration"),
+    "unknown --set key": (["--set", "learning_rate=0.1"], "unknown config key"),
+    "--set without =": (["--set", "lr"], "key=value"),
+    "--set wrong type": (["--set", "batch_size=big"], "batch_size expects"),
+    "unreadable config": (["--config", "/nonexistent/study.toml"], "cannot read config file"),
+    "invalid TOML": (lambda tmp: ["--config", _bad_toml(tmp)], "not valid TOML"),
+    "unknown key in TOML": (lambda tmp: ["--config", _unknown_key_toml(tmp)], "unknown config key"),
+    "zero-init plain net": (["--model", "plain-8", "--set", "zero_init_residual=true"], "residual"),
+    "batch larger than data": (["--set", "batch_size=4096"], "larger than"),
+    "iterations and epochs": (["--epochs", "1"], "not both"),
+    "unknown device": (["--device", "tpu"], "device must be"),
+    "unknown flag": (["--lr", "0.1"], "unrecognized arguments"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    extra, expected = BAD_INPUTS[case]
+    if callable(extra):
+        extra = extra(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    code = main(TRAIN + ["--tracking-uri", f"sqlite:///{db}"] + extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("resnet-lab: error: ") and err.count("\n") == 1, err
+    assert expected in err
+    assert not db.exists(), "bad input must not create an MLflow store or run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["store"] + [p.name for p in tmp_path.glob("*.toml")])
+
+
+def test_fashion_mnist_missing_offline_names_the_ways_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """No explicit dir, no cache, no Debian package, and the download fails (offline)."""
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setattr(data_mod, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-debian")
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data_mod.torchvision.datasets.FashionMNIST, "download", offline)
+    db = tmp_path / "mlflow.db"
+    code = main(["train", "--dataset", "fashion-mnist", "--model", "resnet-8", "--iterations", "10",
+                 "--tracking-uri", f"sqlite:///{db}", "--set", f"data_root={tmp_path / 'data'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "apt-get install dataset-fashion-mnist" in err and "--data-dir" in err and "FASHION_MNIST_DIR" in err
+    assert not db.exists()
+
+
+def test_explicit_data_dir_without_the_files_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--iterations", "10",
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path) in err and err.count("\n") == 1
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_console_script_help_for_every_subcommand() -> None:
+    exe = Path(sys.executable).parent / "resnet-lab"
+    for args in (["--help"], ["train", "--help"], ["describe", "--help"]):
+        out = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage: resnet-lab" in out.stdout
+    out = subprocess.run([str(exe), "describe", "resnet-21"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
