@@ -242,7 +242,7 @@ def split_indices(n: int, *, val_size: int, seed: int, train_size: int | None) -
     if val_size < 0 or (train_size is not None and train_size <= 0):
         raise UserError(f"val_size must be >= 0 and train_size > 0 (got {val_size}, {train_size})")
     if val_size >= n:
-        raise UserError(f"val_size {val_size} leaves no training data out of {n} examples; use a smaller --val-size")
+        raise UserError(f"val_size {val_size} leaves no training data out of {n} examples; use a smaller val_size (--set val_size=N)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(_derive_seed(seed, 2)))
     val, train = perm[:val_size], perm[val_size:]
     if train_size is not None:
