@@ -248,7 +248,7 @@ def split_indices(n: int, *, val_size: int, seed: int, train_size: int | None) -
     if train_size is not None:
         if train_size > len(train):
             raise UserError(f"train_size {train_size} exceeds the {len(train)} training examples left "
-                            f"after taking {val_size} for validation; use a smaller --train-size")
+                            f"after taking {val_size} for validation; use a smaller train_size (--set train_size=N)")
         train = train[:train_size]
     return train.sort().values, val.sort().values
 
