@@ -7,6 +7,7 @@ Validation happens here, before anything is built or logged, so that bad input b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import tomllib
@@ -54,6 +55,9 @@ class TrainConfig:
     # probes (resnet_lab.probes)
     probes: bool = True
     grad_every: int = 1
+    # checkpoints (resume after a crash or Ctrl-C); 0 = off; a multiple of log_every
+    checkpoint_every: int = 1000
+    checkpoint_dir: str = "checkpoints"
     # run
     seed: int = 0
     device: str = "auto"  # auto / cpu / cuda / cuda:N
@@ -82,6 +86,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise UserError(f"{name} must be >= 0, got {value}")
+        if self.checkpoint_every < 0 or self.checkpoint_every % self.log_every:
+            raise UserError(f"checkpoint_every must be 0 (off) or a multiple of log_every ({self.log_every}), "
+                            f"got {self.checkpoint_every}")
         for name in ("val_size", "warmup_iterations", "seed"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -119,6 +126,15 @@ class TrainConfig:
     def name(self) -> str:
         return self.run_name or f"{self.model}-s{self.seed}"
 
+    def config_hash(self) -> str:
+        """Identity of a training for resume/skip: every field that changes what is trained.
+
+        Where files live, how progress is shown and where runs are logged do not count, so
+        moving the data or the store does not make a finished run look new.
+        """
+        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -133,6 +149,8 @@ def _positive(cfg: TrainConfig, name: str) -> None:
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+_NOT_HASHED = {"data_dir", "data_root", "device", "tracking_uri", "experiment", "progress", "checkpoint_dir",
+               "checkpoint_every", "eval_batch_size"}
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -80,19 +80,41 @@ def connect(uri: str) -> Any:
 class RunTracker:
     """One MLflow run: params and tags at start, batched metrics, artifacts, a final status."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any],
-                 tags: dict[str, str], client: Any | None = None) -> None:
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self._pending: list[Any] = []
+
+    @classmethod
+    def create(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
+               tags: dict[str, str], client: Any | None = None) -> "RunTracker":
+        """A new run with ``params`` (in batches of MLflow's limit) and ``tags``."""
         from mlflow.entities import Param
 
-        self.uri = uri
-        self.client = client or connect(uri)
-        self.experiment_id = get_or_create_experiment(self.client, experiment, uri)
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.run_id: str = run.info.run_id
-        self._pending: list[Any] = []
+        client = client or connect(uri)
+        experiment_id = get_or_create_experiment(client, experiment, uri)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+            client.log_batch(run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+        return cls(client, run.info.run_id)
+
+    @classmethod
+    def reopen(cls, uri: str, run_id: str, client: Any | None = None) -> "RunTracker | None":
+        """The existing run ``run_id`` set back to RUNNING; None if it is gone or finished."""
+        client = client or connect(uri)
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - deleted or from another store: start afresh
+            return None
+        if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED":
+            return None
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id)
+
+    def last_step(self, key: str) -> int:
+        """The highest step of ``key`` already stored (-1 if none): what a resumed run must not log again."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=-1)
 
     def log(self, points: Iterable[Point]) -> None:
         """Send metric points in one async call (several if over MLflow's per-batch limit)."""

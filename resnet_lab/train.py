@@ -24,6 +24,8 @@ from .data import Dataset, DeviceLoader, load_dataset
 from .errors import UserError
 from .models import ResNet, build_model, count_parameters
 from .probes import Probes
+from .checkpoint import FORMAT_VERSION, Interrupted, StopFlag, checkpoint_path, save_atomic
+from .checkpoint import load as load_checkpoint
 from .tracking import RunTracker, git_commit, resolve_tracking_uri
 
 
@@ -121,25 +123,53 @@ def run_tags(s: Setup) -> dict[str, str]:
     }
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train one net and log it as one MLflow run; returns how it ended."""
+def train(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainResult:
+    """Train one net and log it as one MLflow run; returns how it ended.
+
+    ``parent_run_id`` nests the run under a study's parent run; ``extra_tags`` (e.g. study,
+    scale) are added to the run's tags. The run is tagged with ``config_hash`` of ``cfg`` as
+    given (before milestones are resolved), which is what a study matches finished runs on.
+    If a checkpoint of the same config exists, the run continues from it in the same MLflow
+    run; metric steps already stored are not logged again.
+    """
     s = prepare(cfg)
-    cfg = s.cfg  # resolved: milestones filled in
-    tracker = RunTracker(resolve_tracking_uri(cfg.tracking_uri), cfg.experiment, cfg.name,
-                         params=cfg.to_dict(), tags=run_tags(s))
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    ckpt_path = checkpoint_path(cfg)
+    state = _resumable_state(ckpt_path, cfg.config_hash(), s.device)
+    tracker = RunTracker.reopen(uri, state["run_id"]) if state else None
+    if tracker is None:
+        state = None
+        tags = run_tags(s) | {"config_hash": cfg.config_hash()} | (extra_tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        tracker = RunTracker.create(uri, s.cfg.experiment, s.cfg.name, params=s.cfg.to_dict(), tags=tags)
     try:
-        result = _loop(s, tracker)
+        with StopFlag() as stop:
+            result = _loop(s, tracker, stop, ckpt_path, cfg.config_hash(), state)
+    except Interrupted as e:
+        tracker.finish("KILLED", reason=f"interrupted by {e}; rerun to resume from the checkpoint")
+        raise
     except KeyboardInterrupt:
-        tracker.finish("KILLED", reason="interrupted (Ctrl-C)")
+        tracker.finish("KILLED", reason="interrupted")
         raise
     except Exception as e:
         tracker.finish("FAILED", reason=f"{type(e).__name__}: {e}")
         raise
     tracker.finish(result.status, result.reason)
+    if ckpt_path is not None:
+        ckpt_path.unlink(missing_ok=True)
     return result
 
 
-def _loop(s: Setup, tracker: RunTracker) -> TrainResult:
+def _resumable_state(path: Path | None, config_hash: str, device: torch.device) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    state = load_checkpoint(path, device)
+    return state if state.get("config_hash") == config_hash else None
+
+
+def _loop(s: Setup, tracker: RunTracker, stop: StopFlag, ckpt_path: Path | None, config_hash: str,
+          state: dict | None) -> TrainResult:
     cfg, device, model, data = s.cfg, s.device, s.model, s.data
     cuda = device.type == "cuda"
     if cuda:
@@ -153,14 +183,33 @@ def _loop(s: Setup, tracker: RunTracker) -> TrainResult:
                                        std=data.std, train=False)
                     for name, split in (("test", data.test), ("val", data.val)) if split is not None}
     probes = make_probes(cfg, model, device, eval_loaders["test"])
-
     stats = torch.zeros(2, device=device)  # loss sum and errors since the last log, kept on the device
-    last: dict[str, float] = {}
+    start, window_iters, last, logged_upto = 0, 0, {}, -1
+
+    def snapshot(done: int) -> dict:
+        return {"version": FORMAT_VERSION, "run_id": tracker.run_id, "config_hash": config_hash, "iteration": done,
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "loader": train_loader.state_dict(),
+                "probes": probes.state_dict(), "stats": stats.clone(), "window_iters": window_iters, "last": dict(last),
+                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None}
+
+    if state:  # resume: every piece of state that the next iteration depends on
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        train_loader.load_state_dict(state["loader"])
+        probes.load_state_dict(state["probes"])
+        stats.copy_(state["stats"])
+        start, window_iters, last = state["iteration"], state["window_iters"], state["last"]
+        torch.set_rng_state(state["rng"].cpu())
+        if cuda and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+        logged_upto = tracker.last_step("train/loss")  # log events up to here reached the store already
+    else:
+        probes.on_eval(0)
+
     batches = train_loader.batches()
-    bar = tqdm(total=s.iterations, desc=cfg.name, unit="it", disable=not cfg.progress, dynamic_ncols=True)
-    window_start, window_iters = time.perf_counter(), 0
-    probes.on_eval(0)
-    for it in range(s.iterations):
+    bar = tqdm(total=s.iterations, initial=start, desc=cfg.name, unit="it", disable=not cfg.progress, dynamic_ncols=True)
+    window_start = time.perf_counter()
+    for it in range(start, s.iterations):
         lr = lr_at(cfg, it)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -179,27 +228,38 @@ def _loop(s: Setup, tracker: RunTracker) -> TrainResult:
         done = it + 1
         if done % cfg.log_every == 0 or done == s.iterations:
             loss_sum, errors = stats.tolist()  # the one host read per log interval
-            n = window_iters * cfg.batch_size
             stats.zero_()
             elapsed = time.perf_counter() - window_start
-            points = [("train/loss", loss_sum / n, done), ("train/error", 100.0 * errors / n, done),
+            points = [("train/loss", loss_sum / (window_iters * cfg.batch_size), done),
+                      ("train/error", 100.0 * errors / (window_iters * cfg.batch_size), done),
                       ("lr", lr, done), ("perf/images_per_s", window_iters * cfg.batch_size / elapsed, done)]
-            if not math.isfinite(loss_sum):
-                tracker.log(points + probes.drain())
-                bar.close()
-                reason = f"diverged: non-finite training loss between iterations {done - window_iters} and {done}"
-                return TrainResult(tracker.run_id, "FAILED", done, _latest(last, points), reason)
-            if done % cfg.eval_every == 0 or done == s.iterations:
+            diverged = not math.isfinite(loss_sum)
+            if not diverged and (done % cfg.eval_every == 0 or done == s.iterations):
                 for name, loader in eval_loaders.items():
                     loss_v, err_v = evaluate(model, loader, cuda)
                     points += [(f"{name}/loss", loss_v, done), (f"{name}/error", err_v, done)]
                 probes.on_eval(done)
-            tracker.log(points + probes.drain())
+            points += probes.drain()
+            if done > logged_upto:
+                tracker.log(points)
             _latest(last, points)
             bar.update(window_iters)
             bar.set_postfix(loss=f"{last['train/loss']:.3f}", err=f"{last['train/error']:.1f}%",
                             img_s=f"{last['perf/images_per_s']:.0f}", refresh=False)
+            if diverged:
+                bar.close()
+                reason = f"diverged: non-finite training loss between iterations {done - window_iters} and {done}"
+                return TrainResult(tracker.run_id, "FAILED", done, last, reason)
             window_start, window_iters = time.perf_counter(), 0
+            if ckpt_path is not None and done % cfg.checkpoint_every == 0 and done < s.iterations:
+                tracker.flush()  # what the checkpoint says was logged must be in the store first
+                save_atomic(snapshot(done), ckpt_path)
+        if stop.signum is not None:
+            bar.close()
+            if ckpt_path is not None:
+                tracker.flush()
+                save_atomic(snapshot(done), ckpt_path)
+            raise Interrupted(stop.signum, done)
     bar.close()
     _log_final_artifacts(tracker, model, cfg, probes)
     return TrainResult(tracker.run_id, "FINISHED", s.iterations, last)

@@ -104,3 +104,101 @@ def test_real_fashion_mnist_100_iterations_lower_the_loss(tmp_path: Path, fashio
     assert len(losses) == 5 and losses[-1] < losses[0]
     artifacts = {a.path for a in client.list_artifacts(row["run_id"], "probes")}
     assert any(p.endswith(".parquet") for p in artifacts)
+
+
+def _all_histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    keys = client.get_run(run_id).data.metrics.keys()
+    return {k: _history(client, run_id, k) for k in keys if k != "perf/images_per_s"}
+
+
+def _crash_at(monkeypatch: pytest.MonkeyPatch, iteration: int, action: object) -> None:
+    """Make lr_at (called once per iteration) run ``action`` at ``iteration``, once."""
+    import resnet_lab.train as train_mod
+
+    real, fired = train_mod.lr_at, []
+
+    def lr_at(cfg: TrainConfig, it: int) -> float:
+        if it == iteration and not fired:
+            fired.append(it)
+            action()
+        return real(cfg, it)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_at)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tracking_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[int, float]]]:
+    cfg = _cfg(tracking_uri, "resume-reference", checkpoint_every=10,
+               checkpoint_dir=str(tmp_path_factory.mktemp("ckpt")))
+    return _all_histories(MlflowClient(tracking_uri), train(cfg).run_id)
+
+
+def test_a_crashed_run_resumes_in_the_same_run_with_the_same_metrics(
+        tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        uninterrupted: dict[str, list[tuple[int, float]]]) -> None:
+    cfg = _cfg(tracking_uri, "resume-crash", checkpoint_every=10, checkpoint_dir=str(tmp_path))
+
+    def crash() -> None:
+        raise RuntimeError("simulated crash")
+
+    _crash_at(monkeypatch, 25, crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    ckpts = list(tmp_path.rglob("*.pt"))
+    assert len(ckpts) == 1 and not list(tmp_path.rglob("*.tmp"))
+    first = MlflowClient(tracking_uri).search_runs([MlflowClient(tracking_uri).get_experiment_by_name("resume-crash").experiment_id])
+    assert len(first) == 1 and first[0].info.status == "FAILED"
+
+    result = train(cfg)  # resumes from the checkpoint at iteration 20
+    assert result.status == "FINISHED" and result.run_id == first[0].info.run_id
+    assert _all_histories(MlflowClient(tracking_uri), result.run_id) == uninterrupted
+    assert not ckpts[0].exists()  # removed once the run finished
+
+
+def test_sigterm_checkpoints_mid_window_marks_the_run_killed_and_resumes_exactly(
+        tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        uninterrupted: dict[str, list[tuple[int, float]]]) -> None:
+    import os
+    import signal
+
+    from resnet_lab.checkpoint import Interrupted
+
+    cfg = _cfg(tracking_uri, "resume-sigterm", checkpoint_every=10, checkpoint_dir=str(tmp_path))
+    _crash_at(monkeypatch, 25, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped:
+        train(cfg)
+    assert stopped.value.iteration == 26  # stopped after finishing the iteration it was in
+    client = MlflowClient(tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name("resume-sigterm").experiment_id])[0]
+    assert run.info.status == "KILLED" and "SIGTERM at iteration 26" in run.data.tags["failure_reason"]
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # train() put the handler back
+
+    result = train(cfg)
+    assert result.run_id == run.info.run_id
+    assert _all_histories(client, result.run_id) == uninterrupted
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
+        tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import torch
+
+    import resnet_lab.checkpoint as ckpt_mod
+
+    real_save, calls = torch.save, []
+
+    def save(obj: object, f: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save)
+    cfg = _cfg(tracking_uri, "disk-full", checkpoint_every=10, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ckpt_mod.CheckpointError, match="disk is full"):
+        train(cfg)
+    (ckpt,) = tmp_path.rglob("*.pt")
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert ckpt_mod.load(ckpt, torch.device("cpu"))["iteration"] == 10  # the first checkpoint survived
