@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 STUDY  ?= experiments/fashion_mnist.toml
+STUDY_ARGS ?=
 PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
@@ -19,16 +20,22 @@ setup: $(STAMP)
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Trains what is not done yet (rerunning resumes), then writes reports/<study>/ and prints its path.
+# The report is written even when some runs failed (they are listed in it); the exit status keeps the failure.
 depth-study: setup
-	@echo "make depth-study: the study runner arrives with the depth-study issue; for now train one net with" >&2
-	@echo "  $(BIN)/resnet-lab train --model plain-20 --dataset fashion-mnist --iterations 2000" >&2
-	@exit 1
+	@status=0; $(BIN)/resnet-lab study $(STUDY) $(STUDY_ARGS) || status=$$?; \
+	if [ $$status -eq 0 ] || [ $$status -eq 1 ]; then $(BIN)/resnet-lab report $(STUDY) || exit $$?; fi; \
+	exit $$status
+
+report: setup
+	$(BIN)/resnet-lab report $(STUDY)
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
 
 bench: setup
 	$(BIN)/python benchmarks/probe_overhead.py
+	$(BIN)/python benchmarks/throughput.py --csv benchmarks/results/throughput.csv
 
 clean:
 	rm -rf $(VENV) .pytest_cache

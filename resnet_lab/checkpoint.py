@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from types import FrameType
@@ -32,9 +33,10 @@ def checkpoint_path(cfg: TrainConfig) -> Path | None:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` via temp file + fsync + rename; on failure the old file survives."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer_id()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -44,6 +46,33 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         tmp.unlink(missing_ok=True)
         why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise CheckpointError(f"could not write checkpoint {path}: {why}; the previous checkpoint is kept") from e
+
+
+def _writer_id() -> str:
+    """``<host>-<pid>``: a checkpoint folder may be shared by machines (Ray), and pids are per host."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temp files of writers on this host that were killed mid-write (SIGKILL leaves them).
+
+    A temp file of a live process, or of another host, is left alone.
+    """
+    host = socket.gethostname().replace(".", "_")
+    for tmp in path.parent.glob(f".{path.name}.{host}-*.tmp"):
+        pid = tmp.name[len(f".{path.name}.{host}-"):-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load(path: Path, device: torch.device) -> dict[str, Any]:

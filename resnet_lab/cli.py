@@ -107,6 +107,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, help="input size, e.g. 96 or 224 for the ImageNet family")
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (default: family default)")
     p.set_defaults(func=cmd_describe)
+    from analysis import report
+    from . import study
+
+    study.add_parser(sub)
+    report.add_parser(sub)
     return parser
 
 

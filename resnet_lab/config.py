@@ -61,6 +61,7 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"  # auto / cpu / cuda / cuda:N
+    compile: bool = False  # torch.compile the model for the training step; see docs/benchmarks.md
     tracking_uri: str | None = None
     experiment: str = "resnet_lab"
     run_name: str | None = None  # default "<model>-s<seed>"
@@ -105,6 +106,8 @@ class TrainConfig:
             self.check_schedule(self.iterations)
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.compile:
+            _check_compile(self.device)
         return self
 
     def resolved(self, total_iterations: int) -> "TrainConfig":
@@ -148,9 +151,26 @@ def _positive(cfg: TrainConfig, name: str) -> None:
         raise UserError(f"{name} must be a positive integer, got {value}")
 
 
+def _check_compile(device: str) -> None:
+    """torch.compile needs dynamo for this Python and, on CPU, a C++ compiler for inductor's kernels."""
+    import os
+    import shutil
+
+    import torch
+    from torch._dynamo import is_dynamo_supported
+
+    if not is_dynamo_supported():
+        raise UserError("compile=true: torch.compile does not support this Python/torch; use --set compile=false")
+    cxx = os.environ.get("CXX", "g++")
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu and shutil.which(cxx) is None:
+        raise UserError(f"compile=true on CPU needs a C++ compiler ({cxx!r} not found; set CXX or install g++), "
+                        "or use --set compile=false")
+
+
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
-_NOT_HASHED = {"data_dir", "data_root", "device", "tracking_uri", "experiment", "progress", "checkpoint_dir",
-               "checkpoint_every", "eval_batch_size"}
+_NOT_HASHED = {"data_dir", "data_root", "device", "compile", "tracking_uri", "experiment", "progress",
+               "checkpoint_dir", "checkpoint_every", "eval_batch_size"}
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import Dataset, DeviceLoader, load_dataset
-from .errors import UserError
+from .errors import UserError, check_can_create
 from .models import ResNet, build_model, count_parameters
 from .probes import Probes
-from .checkpoint import FORMAT_VERSION, Interrupted, StopFlag, checkpoint_path, save_atomic
+from .checkpoint import FORMAT_VERSION, Interrupted, StopFlag, checkpoint_path, remove_stale_temps, save_atomic
 from .checkpoint import load as load_checkpoint
 from .tracking import RunTracker, git_commit, resolve_tracking_uri
 
@@ -95,6 +95,9 @@ class Setup:
 def prepare(cfg: TrainConfig) -> Setup:
     """Validate, load data, build the model. Any UserError is raised here, before any run."""
     cfg.validate()
+    if cfg.checkpoint_every:
+        check_can_create(Path(cfg.checkpoint_dir), "checkpoint_dir", "pass --set checkpoint_dir=DIR, or "
+                         "--set checkpoint_every=0 to train without checkpoints")
     device = select_device(cfg.device)
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, data_root=cfg.data_root, val_size=cfg.val_size,
                         seed=cfg.seed, resize=cfg.resize, train_size=cfg.train_size)
@@ -158,6 +161,7 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dic
     tracker.finish(result.status, result.reason)
     if ckpt_path is not None:
         ckpt_path.unlink(missing_ok=True)
+        remove_stale_temps(ckpt_path)
     return result
 
 
@@ -176,6 +180,7 @@ def _loop(s: Setup, tracker: RunTracker, stop: StopFlag, ckpt_path: Path | None,
         torch.backends.cudnn.benchmark = True
     fmt = torch.channels_last if cuda else torch.contiguous_format
     model.to(device, memory_format=fmt).train()
+    step_model = torch.compile(model) if cfg.compile else model  # the step only: probes and eval stay eager
     opt = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     train_loader = DeviceLoader(data.train, batch_size=cfg.batch_size, device=device, mean=data.mean, std=data.std,
                                 train=True, augment=cfg.augment, seed=cfg.seed)
@@ -216,7 +221,7 @@ def _loop(s: Setup, tracker: RunTracker, stop: StopFlag, ckpt_path: Path | None,
         x, y = next(batches)
         x = x.contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(x)
+            logits = step_model(x)
             loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,329 @@
+"""A loaded study as a document: the figures, the tables and the summary, in Markdown and HTML.
+
+``build_report(study, out_dir)`` draws the figures (``analysis.figures``), computes the summary
+sentences (``analysis.findings``) and writes ``report.md`` and a self-contained ``report.html``
+(figures embedded as base64 PNG) beside ``figures/*.png|pdf``. Every number in the tables names
+the runs it comes from. Loading and the command line are in ``analysis.report``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .anchors import Anchor, anchor_for
+from .figures import FIGURES, FigureResult, make_figures, missing_pairs
+from .findings import flow_ratios, pct, summarize
+from .runs import Study, aggregate, display_name, safe_uri
+
+# params that say where things live or how progress shows, not what was trained
+_NOT_CONFIG = {"model", "seed", "run_name", "tracking_uri", "experiment", "data_dir", "data_root", "progress",
+               "checkpoint_dir", "checkpoint_every", "device"}
+
+
+# --------------------------------------------------------------------------- a tiny document model
+# Blocks render to both Markdown and HTML, so the two files always say the same thing.
+
+
+@dataclass
+class Doc:
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def ul(self, items: list[str]) -> None:
+        if items:
+            self.blocks.append(("ul", items))
+
+    def table(self, header: list[str], rows: list[list[str]], align: str | None = None) -> None:
+        self.blocks.append(("table", (header, rows, align or "l" * len(header))))
+
+    def code(self, text: str, lang: str = "") -> None:
+        self.blocks.append(("code", (lang, text)))
+
+    def figure(self, fig: FigureResult, number: int, rel: str) -> None:
+        self.blocks.append(("figure", (fig, number, rel)))
+
+    # -- Markdown
+    def markdown(self) -> str:
+        out = []
+        for kind, b in self.blocks:
+            if kind == "h":
+                out.append(f"{'#' * b[0]} {b[1]}")
+            elif kind == "p":
+                out.append(b)
+            elif kind == "ul":
+                out.append("\n".join(f"- {i}" for i in b))
+            elif kind == "table":
+                header, rows, align = b
+                sep = ["---:" if a == "r" else "---" for a in align]
+                lines = [header, sep, *rows]
+                out.append("\n".join("| " + " | ".join(_md_cell(c) for c in line) + " |" for line in lines))
+            elif kind == "code":
+                out.append(f"```{b[0]}\n{b[1].rstrip()}\n```")
+            elif kind == "figure":
+                fig, n, rel = b
+                out.append(f"![Figure {n}: {fig.title}]({rel}/{fig.name}.png)\n\n"
+                           f"**Figure {n}: {fig.title}.** {fig.caption} ([PDF]({rel}/{fig.name}.pdf))")
+        return "\n\n".join(out) + "\n"
+
+    # -- HTML (self-contained)
+    def html(self, title: str) -> str:
+        body = []
+        for kind, b in self.blocks:
+            if kind == "h":
+                body.append(f"<h{b[0]}>{_inline(b[1])}</h{b[0]}>")
+            elif kind == "p":
+                body.append(f"<p>{_inline(b)}</p>")
+            elif kind == "ul":
+                body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b) + "</ul>")
+            elif kind == "table":
+                header, rows, align = b
+                cls = lambda i: ' class="num"' if align[i] == "r" else ""  # noqa: E731
+                head = "".join(f"<th{cls(i)}>{_inline(c)}</th>" for i, c in enumerate(header))
+                trs = "".join("<tr>" + "".join(f"<td{cls(i)}>{_inline(c)}</td>" for i, c in enumerate(r)) + "</tr>"
+                              for r in rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+            elif kind == "code":
+                body.append(f"<pre><code>{html.escape(b[1].rstrip())}</code></pre>")
+            elif kind == "figure":
+                fig, n, _rel = b
+                data = base64.b64encode(fig.paths["png"].read_bytes()).decode("ascii")
+                body.append(f'<figure id="{fig.name}"><img alt="Figure {n}: {html.escape(fig.title)}" '
+                            f'src="data:image/png;base64,{data}"><figcaption><b>Figure {n}: '
+                            f"{html.escape(fig.title)}.</b> {_inline(fig.caption)}</figcaption></figure>")
+        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+                f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+                + "\n".join(body) + "\n</body></html>\n")
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.7em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;background:#f5f5f5;padding:0 .2em}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;border:1px solid #e3e3e3}
+figure{margin:1.5em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.92em;color:#333;margin-top:.4em}
+"""
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _inline(text: str) -> str:
+    """Escape, then `code` and [text](url) links (the only inline markup the report uses)."""
+    out = html.escape(str(text), quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\[([^\]]+)\]\(((?:https?://|#)[^)\s]+)\)", r'<a href="\2">\1</a>', out)
+
+
+# --------------------------------------------------------------------------- report content
+
+
+@dataclass
+class Report:
+    study: Study
+    out_dir: Path
+    figures: list[FigureResult]
+    summary: list[str]
+    notes: list[str]
+    markdown: Path
+    html: Path
+    logged_to: str | None = None  # parent run id when logged to MLflow
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "–"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 and math.isfinite(std) else f"{mean:.2f}"
+
+
+def _run_link(study: Study, run_id: str, text: str) -> str:
+    uri = study.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        return f"[{text}]({safe_uri(uri).rstrip('/')}/#/experiments/{study.experiment_id}/runs/{run_id})"
+    return text
+
+
+def results_table(study: Study, agg: pd.DataFrame, anchor: Anchor | None) -> tuple[list[str], list[list[str]], str]:
+    """Header, rows and alignment of the final-error table (one row per net)."""
+    has_val = "val_error_mean" in agg and agg["val_error_mean"].notna().any()
+    header = ["net", "seeds", "train error (%)", "test error (%)"] + (["val error (%)"] if has_val else [])
+    align = "lrrr" + ("r" if has_val else "")
+    if anchor is not None:
+        if anchor.train_error:
+            header.append(f"{anchor.label} train error (%)")
+            align += "r"
+        header.append(f"{anchor.label} test error (%)")
+        align += "r"
+    header.append("runs (name, id)")
+    align += "l"
+    rows = []
+    for r in agg.itertuples():
+        row = [display_name(r.model), str(r.n_seeds),
+               _pm(r.train_error_mean, r.train_error_std, r.train_error_n),
+               _pm(r.test_error_mean, r.test_error_std, r.test_error_n)]
+        if has_val:
+            row.append(_pm(r.val_error_mean, r.val_error_std, r.val_error_n))
+        if anchor is not None:
+            if anchor.train_error:
+                row.append(f"{anchor.train_error[r.model]:g}" if r.model in anchor.train_error else "–")
+            row.append(f"{anchor.test_error[r.model]:g}" if r.model in anchor.test_error else "–")
+        row.append(", ".join(f"{_run_link(study, rid, name)} (`{rid[:8]}`)" for name, rid in zip(r.run_names, r.run_ids)))
+        rows.append(row)
+    return header, rows, align
+
+
+def _config_sections(doc: Doc, study: Study) -> None:
+    doc.h(2, "Study configuration")
+    parent = study.parent
+    if parent is not None:
+        tags = {k: v for k, v in parent.tags.items() if not k.startswith("mlflow.")}
+        doc.p(f"Parent run `{parent.run_name}` (`{parent.run_id}`), tags: "
+              + ", ".join(f"`{k}={v}`" for k, v in sorted(tags.items())) + ".")
+        if parent.study_text is not None:
+            doc.p(f"Study file (artifact `{parent.study_file}` of the parent run):")
+            doc.code(parent.study_text, "toml")
+        if parent.params:
+            doc.table(["study parameter", "value"], [[f"`{k}`", f"`{v}`"] for k, v in sorted(parent.params.items())])
+    params = pd.DataFrame.from_dict(study.params, orient="index")
+    if params.empty:
+        return
+    keys = [k for k in sorted(params.columns) if k not in _NOT_CONFIG]
+    shared = [k for k in keys if params[k].nunique(dropna=False) == 1]
+    varying = [k for k in keys if k not in shared]
+    doc.p("Training configuration shared by every run (MLflow params of the child runs):")
+    doc.table(["param", "value"], [[f"`{k}`", f"`{params[k].iloc[0]}`"] for k in shared])
+    if varying:
+        by_model = study.runs.set_index("run_id")
+        rows = []
+        for k in varying:
+            vals = params[k].groupby(by_model.loc[params.index, "model"].values).agg(lambda s: ", ".join(sorted(set(s))))
+            rows.append([f"`{k}`", "; ".join(f"{display_name(m)}: `{v}`" for m, v in vals.items())])
+        doc.p("Parameters that differ between nets:")
+        doc.table(["param", "values"], rows)
+    env = study.runs
+    commits = sorted({f"{c[:10]}{' (dirty)' if d == 'true' else ''}" for c, d in zip(env["git_commit"].fillna("?"),
+                                                                                   env["git_dirty"].fillna(""))})
+    doc.p("Environment: device " + ", ".join(f"`{x}`" for x in sorted(set(env["device"].fillna("?"))))
+          + "; torch " + ", ".join(f"`{x}`" for x in sorted(set(env["torch_version"].fillna("?"))))
+          + "; git commit " + ", ".join(f"`{x}`" for x in commits) + ".")
+
+
+def _runs_section(doc: Doc, study: Study) -> None:
+    doc.h(2, "Runs")
+    doc.p("Every finished training run the numbers above come from (final = last logged value).")
+    has_val = study.runs["val_error"].notna().any()
+    rows = []
+    for r in study.runs.itertuples():
+        its = int(r.total_iterations) if r.total_iterations is not None and not pd.isna(r.total_iterations) else None
+        dur = f"{r.duration_s / 60:.1f}" if r.duration_s is not None and math.isfinite(r.duration_s) else "–"
+        errs = [r.train_error, r.test_error] + ([r.val_error] if has_val else [])
+        rows.append([_run_link(study, r.run_id, r.run_name), f"`{r.run_id}`", display_name(r.model), str(r.seed),
+                     *[pct(e).replace(" %", "").replace("n/a", "–") for e in errs],
+                     f"{its:,}" if its else "–", dur])
+    doc.table(["run", "run id", "net", "seed", "train error (%)", "test error (%)", *(["val error (%)"] if has_val else []),
+               "iterations", "minutes"], rows, "lllrrr" + ("r" if has_val else "") + "rr")
+    lo = study.left_out
+    if lo is not None and len(lo):
+        doc.p("Runs left out:")
+        doc.table(["run", "run id", "status", "why"],
+                  [[r.run_name, f"`{r.run_id}`", r.status, str(r.reason)] for r in lo.itertuples()])
+
+
+def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | None = None) -> Report:
+    """Draw the figures and write report.md and report.html for a loaded study into ``out_dir``."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    figures = figures if figures is not None else make_figures(study, fig_dir)
+    made = {f.name for f in figures if f.made}
+    for name in set(FIGURES) - made:  # a figure this study cannot draw must not survive from an earlier report
+        for ext in ("png", "pdf"):
+            (fig_dir / f"{name}.{ext}").unlink(missing_ok=True)
+    t_fig = time.perf_counter() - t0
+    agg = aggregate(study.runs)
+    anchor = anchor_for(study.name)
+    summary = summarize(agg, study.grad_flow, study.responses, anchor, study.grad_norm_series)
+    notes = _dedupe(study.notes + missing_pairs(study) + [n for f in figures for n in f.notes])
+
+    doc = Doc()
+    scale = f" ({study.scale} scale)" if study.scale else ""
+    doc.h(1, f"Study report: {study.name}{scale}")
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    doc.p(f"Generated {generated} from MLflow tracking store `{safe_uri(study.tracking_uri)}`, experiment "
+          f"`{study.name}` (id {study.experiment_id}); {len(study.runs)} finished training runs of "
+          f"{study.runs['model'].nunique()} nets. Plain vs residual CNNs at depth (He et al. 2016, Sec. 4.2).")
+    doc.h(2, "Summary")
+    doc.ul(summary or ["The study has too few nets for a comparison (one depth of one architecture)."])
+    doc.h(2, "Final errors")
+    header, rows, align = results_table(study, agg, anchor)
+    doc.table(header, rows, align)
+    defs = ("Final = last logged value of each run. Training error is the mean over the last logging window "
+            "(the last `log_every` iterations, with augmentation and BN in training mode); test and validation "
+            "error are measured on the whole split at the end. Mean ± sample standard deviation over seeds "
+            "(± omitted for one seed).")
+    if anchor is not None:
+        defs += f" {anchor.label}: {anchor.source}." + (f" {anchor.footnote}" if anchor.footnote else "")
+    doc.p(defs)
+    ratios = flow_ratios(study.grad_flow)
+    if len(ratios):
+        doc.p("Gradient flow, ‖dL/dx‖ at the first block's input divided by that at the head input, on a fixed "
+              "test batch (mean over seeds; above 1: the gradient grows on its way back to the input, below 1: it "
+              f"shrinks{_figure_ref(figures, 'grad_flow')}):")
+        piv = ratios.pivot_table(index=["arch", "depth", "model"], columns="moment", values="ratio").reset_index()
+        piv = piv.sort_values(["arch", "depth"])
+        cols = [c for c in ("init", "end") if c in piv]
+        doc.table(["net", *[f"ratio at {c}" for c in cols]],
+                  [[display_name(r["model"]), *[f"{r[c]:.3g}" for c in cols]] for _, r in piv.iterrows()],
+                  "l" + "r" * len(cols))
+    doc.h(2, "Figures")
+    made = [f for f in figures if f.made]
+    for i, f in enumerate(made, 1):
+        doc.figure(f, i, "figures")
+    if not made:
+        doc.p("No figure could be drawn (see Notes).")
+    if notes:
+        doc.h(2, "Notes")
+        doc.ul(notes)
+    _config_sections(doc, study)
+    _runs_section(doc, study)
+    tm = study.timings
+    doc.p(f"Loaded in {tm.get('total', float('nan')):.1f} s (runs {tm.get('search_runs', float('nan')):.1f} s, "
+          f"curves {tm.get('curves', float('nan')):.1f} s, probe artifacts {tm.get('probes', float('nan')):.1f} s); "
+          f"figures drawn in {t_fig:.1f} s.")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, page = out_dir / "report.md", out_dir / "report.html"
+    md.write_text(doc.markdown())
+    page.write_text(doc.html(f"Study report: {study.name}"))
+    return Report(study, out_dir, figures, summary, notes, md, page)
+
+
+def _figure_ref(figures: list[FigureResult], name: str) -> str:
+    """'; see Figure 3' for a figure that was drawn (numbered as in the report), else ''."""
+    made = [f.name for f in figures if f.made]
+    return f"; see Figure {made.index(name) + 1}" if name in made else ""
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,334 @@
+"""How a study's runs are executed: inline, in spawned worker processes, or as Ray tasks.
+
+Each launcher calls ``train(cfg, parent_run_id=..., extra_tags=...)`` once per run and hands
+an ``Outcome`` to ``on_done`` in the parent process, which does all study bookkeeping. The
+MLflow store, experiment and parent run already exist when a launcher starts (created once
+in the parent: concurrent first writers would race on the SQLite schema).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import multiprocessing.connection
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .study import Outcome, StudyRun
+
+OnDone = Callable[["Outcome"], None]
+
+
+def run_cost(run: StudyRun) -> float:
+    """A run's compute relative to the other runs of its study, for the ETA: depth x images seen."""
+    from .models import parse_model_name
+
+    cfg = run.cfg
+    iterations = cfg.iterations or (cfg.epochs or 1) * (cfg.train_size or 50_000) // cfg.batch_size
+    return parse_model_name(cfg.model).depth * iterations * cfg.batch_size * (cfg.resize or 28) ** 2
+
+
+class Reporter:
+    """One line per run start/finish, and an overall bar (runs done/total, elapsed, ETA).
+
+    The ETA weighs each run by ``run_cost`` (a 56-layer net takes about three times a 20-layer
+    one) at the seconds per unit of cost measured so far, spread over ``jobs`` parallel slots.
+    Without the bar (``--no-progress``, logs) each finish line carries the count and the ETA.
+    """
+
+    def __init__(self, runs: list[StudyRun], done: set[int], desc: str, progress: bool, jobs: int = 1,
+                 notes: dict[int, str] | None = None) -> None:
+        self.total, self.count, self.jobs = len(runs), len(done), max(jobs, 1)
+        self.notes = notes or {}
+        self.cost = {r.index: run_cost(r) for r in runs if r.index not in done}  # runs not ended yet
+        self.started_at: dict[int, float] = {}
+        self.busy = self.cost_done = 0.0
+        self.bar = tqdm(total=self.total, initial=self.count, desc=desc, disable=not progress, dynamic_ncols=True,
+                        file=sys.stdout, bar_format="{desc}: {n_fmt}/{total_fmt} runs |{bar}| {elapsed}{postfix}")
+
+    def line(self, text: str) -> None:
+        if self.bar.disable:
+            print(text, flush=True)
+        else:
+            self.bar.write(text, file=sys.stdout)
+
+    def started(self, run: StudyRun, where: str, verb: str = "started on") -> None:
+        self.started_at[run.index] = time.perf_counter()
+        note = self.notes.get(run.index)
+        self.line(f"[{run.index}/{self.total}] {run.name} {verb} {where}{f'; {note}' if note else ''}")
+
+    def done(self, run: StudyRun, text: str) -> None:
+        """``run`` ended (finished, failed or killed): report it, advance the bar and the ETA."""
+        now = time.perf_counter()
+        self.count += 1
+        self.busy += now - self.started_at.pop(run.index, now)
+        self.cost_done += self.cost.pop(run.index, 0.0)
+        eta = self.eta(now)
+        eta_text = f"ETA {tqdm.format_interval(eta)}" if eta is not None and self.count < self.total else ""
+        if self.bar.disable:
+            text += f" ({self.count}/{self.total} runs done{f', {eta_text}' if eta_text else ''})"
+        self.line(text)
+        self.bar.set_postfix_str(f", {eta_text}" if eta_text else "", refresh=False)
+        self.bar.update(1)
+
+    def eta(self, now: float) -> float | None:
+        """List scheduling: each slot first finishes its run under way, then takes the waiting
+        runs in study order as it frees up; the ETA is when the last slot is done."""
+        if not (self.cost_done and self.busy):
+            return None
+        rate = self.busy / self.cost_done  # seconds per unit of cost, in one slot
+        slots = [max(self.cost[i] * rate - (now - t), 0.0) for i, t in self.started_at.items()]
+        slots += [0.0] * max(self.jobs - len(slots), 0)
+        for index, cost in self.cost.items():
+            if index not in self.started_at:
+                k = slots.index(min(slots))
+                slots[k] += cost * rate
+        return max(slots)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:2000]
+
+
+def _outcome(run: StudyRun, status: str, run_id: str | None, metrics: dict[str, float], reason: str | None,
+             seconds: float) -> Outcome:
+    from .study import Outcome
+
+    return Outcome(run, status, run_id, metrics, reason, seconds)
+
+
+# ---------------------------------------------------------------- inline (--jobs 1)
+
+def run_inline(runs: list[StudyRun], parent_id: str, tags: dict[str, str], reporter: Reporter,
+               on_done: OnDone, device: str) -> None:
+    """One run after another in this process (per-run progress bars stay on)."""
+    from .train import train
+
+    for run in runs:
+        cfg = dataclasses.replace(run.cfg, device=device)
+        reporter.started(run, device)
+        t0 = time.perf_counter()
+        try:
+            r = train(cfg, parent_run_id=parent_id, extra_tags=tags)
+            outcome = _outcome(run, r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of one run: record it, go on with the next
+            outcome = _outcome(run, "FAILED", None, {}, _reason(e), time.perf_counter() - t0)
+        on_done(outcome)
+
+
+# ---------------------------------------------------------------- worker processes (--jobs N)
+
+def _watch_parent() -> None:
+    """A worker dies with its study process (e.g. SIGKILL), as an inline run would: its run stays
+    RUNNING with its checkpoint, and the rerun resumes it; it never races a resumed copy."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(70)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+
+def _worker(conn: Any, cfg: TrainConfig, parent_id: str, tags: dict[str, str], threads: int | None) -> None:
+    """Entry point of a spawned worker: train one run, send back how it ended."""
+    _watch_parent()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from .train import train
+
+    t0 = time.perf_counter()
+    try:
+        r = train(cfg, parent_run_id=parent_id, extra_tags=tags)
+        conn.send((r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0))
+    except KeyboardInterrupt:
+        conn.send(("KILLED", None, {}, "interrupted (Ctrl-C)", time.perf_counter() - t0))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which marks the run FAILED
+        conn.send(("FAILED", None, {}, _reason(e), time.perf_counter() - t0))
+    finally:
+        conn.close()
+
+
+def _receive(conn: Any) -> Any:
+    """The worker's message, or False when its end closed without one (the process died)."""
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return False
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_processes(runs: list[StudyRun], parent_id: str, tags: dict[str, str], reporter: Reporter,
+                  on_done: OnDone, jobs: int, devices: list[str]) -> None:
+    """Up to ``jobs`` runs at once, each in its own spawned process, spread over ``devices``
+    (least busy first). CPU workers split the cores between them."""
+    ctx = multiprocessing.get_context("spawn")
+    pending = deque(runs)
+    active: dict[Any, dict[str, Any]] = {}  # process sentinel -> state
+    busy = {d: 0 for d in devices}
+    threads = max(1, cpu_count() // jobs)
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.popleft()
+                device = min(devices, key=lambda d: busy[d])
+                busy[device] += 1
+                recv, send = ctx.Pipe(duplex=False)
+                cfg = dataclasses.replace(run.cfg, device=device, progress=False)
+                proc = ctx.Process(target=_worker, name=f"study-{run.name}", daemon=True,
+                                   args=(send, cfg, parent_id, tags, threads if device == "cpu" else None))
+                proc.start()
+                send.close()
+                active[proc.sentinel] = {"run": run, "proc": proc, "conn": recv, "device": device,
+                                         "t0": time.perf_counter(), "msg": None}
+                reporter.started(run, f"{device} (pid {proc.pid})")
+            waitables = list(active) + [st["conn"] for st in active.values() if st["msg"] is None]
+            ready = multiprocessing.connection.wait(waitables)
+            for st in active.values():
+                if st["msg"] is None and st["conn"] in ready:
+                    st["msg"] = _receive(st["conn"])
+            for sentinel in [s for s, st in active.items() if not st["proc"].is_alive()]:
+                st = active.pop(sentinel)
+                st["proc"].join()
+                if st["msg"] is None and st["conn"].poll():
+                    st["msg"] = _receive(st["conn"])
+                st["conn"].close()
+                busy[st["device"]] -= 1
+                seconds = time.perf_counter() - st["t0"]
+                if st["msg"]:
+                    status, run_id, metrics, reason, seconds = st["msg"]
+                else:
+                    status, run_id, metrics = "FAILED", None, {}
+                    reason = f"worker process died with exit code {st['proc'].exitcode}"
+                on_done(_outcome(st["run"], status, run_id, metrics, reason, seconds))
+    except KeyboardInterrupt:
+        # Ctrl-C reached the workers too (same process group): give them time to mark their runs KILLED.
+        for st in active.values():
+            st["proc"].join(timeout=30)
+            if st["proc"].is_alive():
+                st["proc"].terminate()
+        raise
+
+
+# ---------------------------------------------------------------- Ray (--launcher ray)
+
+Message = tuple[str, str | None, dict, str | None, float]  # status, run id, metrics, reason, seconds
+
+
+def _ray_task(cfg: TrainConfig, parent_id: str, tags: dict[str, str]) -> Message:
+    """One training as a Ray task (runs on whichever node Ray picks)."""
+    from .train import train
+
+    t0 = time.perf_counter()
+    try:
+        r = train(cfg, parent_run_id=parent_id, extra_tags=tags)
+        return r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0
+    except KeyboardInterrupt:
+        return "KILLED", None, {}, "interrupted (Ray task cancelled)", time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - reported to the driver, which marks the run FAILED
+        return "FAILED", None, {}, _reason(e), time.perf_counter() - t0
+
+
+class RayLauncher:
+    """Each run is a Ray task asking for ``gpus_per_run`` GPUs (``num_cpus=1`` on a CPU-only cluster).
+
+    The nodes need this project installed (``pip install '.[ray]'``) and must reach the MLflow
+    tracking URI: use a tracking server (``--tracking-uri http://host:5000``) on a real cluster.
+    """
+
+    def __init__(self, ray: Any, gpus: float, gpus_per_run: float, started_here: bool) -> None:
+        self.ray, self.gpus, self.gpus_per_run, self.started_here = ray, gpus, gpus_per_run, started_here
+
+    @classmethod
+    def connect(cls, address: str | None, gpus_per_run: float) -> "RayLauncher":
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--launcher ray needs Ray, an optional extra: pip install '.[ray]'") from None
+        started_here = False
+        if not ray.is_initialized():
+            try:
+                # A local instance (no address, no $RAY_ADDRESS) needs no dashboard: it starts faster.
+                local = address is None and not os.environ.get("RAY_ADDRESS")
+                ray.init(address=address, logging_level="WARNING", **({"include_dashboard": False} if local else {}))
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise UserError(f"cannot start or join Ray{f' at {address}' if address else ''}: {first}") from None
+            started_here = True
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        if gpus and gpus_per_run > gpus:
+            if started_here:
+                ray.shutdown()
+            raise UserError(f"--gpus-per-run {gpus_per_run} is more than the {gpus:g} GPUs of the Ray cluster")
+        return cls(ray, gpus, gpus_per_run, started_here)
+
+    def slots(self, max_in_flight: int | None) -> int:
+        """How many runs Ray can train at once (for the ETA)."""
+        cpus = int(self.ray.cluster_resources().get("CPU", 1))
+        n = int(self.gpus // self.gpus_per_run) if self.gpus else cpus
+        return max(1, min(n, max_in_flight or n))
+
+    def describe(self) -> str:
+        res = self.ray.cluster_resources()
+        per = f"{self.gpus_per_run:g} GPU per run" if self.gpus else "1 CPU per run"
+        return f"{res.get('CPU', 0):g} CPUs, {self.gpus:g} GPUs, {per}"
+
+    def close(self) -> None:
+        if self.started_here and self.ray.is_initialized():
+            self.ray.shutdown()
+
+    def run(self, runs: list[StudyRun], parent_id: str, tags: dict[str, str], reporter: Reporter,
+            on_done: OnDone, max_in_flight: int | None = None) -> None:
+        ray = self.ray
+        remote = ray.remote(_ray_task)
+        opts = {"num_gpus": self.gpus_per_run} if self.gpus else {"num_cpus": 1}
+        pending = deque(runs)
+        in_flight: dict[Any, tuple[StudyRun, float]] = {}
+        try:
+            while pending or in_flight:
+                while pending and (max_in_flight is None or len(in_flight) < max_in_flight):
+                    run = pending.popleft()
+                    task = remote.options(**opts, max_retries=0, name=f"train {run.name}")
+                    ref = task.remote(run.cfg, parent_id, tags)
+                    in_flight[ref] = (run, time.perf_counter())
+                    reporter.started(run, "Ray", verb="submitted to")
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in ready:
+                    run, t0 = in_flight.pop(ref)
+                    try:
+                        status, run_id, metrics, reason, seconds = ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - the worker died or Ray failed: the run failed
+                        cause = getattr(e, "cause", None) or e
+                        status, run_id, metrics, reason, seconds = ("FAILED", None, {}, _reason(cause),
+                                                                    time.perf_counter() - t0)
+                    on_done(_outcome(run, status, run_id, metrics, reason, seconds))
+        except KeyboardInterrupt:
+            for ref in in_flight:
+                ray.cancel(ref)  # KeyboardInterrupt in the task: train marks its run KILLED
+            raise

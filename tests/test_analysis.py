@@ -1,0 +1,344 @@
+"""The analysis package on a small real MLflow store: loading, figures, report, findings, CLI.
+
+One module-scoped study (parent run + five tiny synthetic trainings: plain-8, plain-14,
+resnet-8 with two seeds, resnet-14) is built once; everything else reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from analysis import findings
+from analysis.document import build_report
+from analysis.figures import FIGURES
+from analysis.report import add_parser, study_name, write_report
+from analysis.runs import CURVE_KEYS, aggregate, load_study, reduce_grad_norms
+from resnet_lab.config import TrainConfig
+from resnet_lab.errors import UserError
+from resnet_lab.train import train
+
+STUDY = "analysis_study"
+NETS = [("plain-8", 0), ("plain-14", 0), ("resnet-8", 0), ("resnet-8", 1), ("resnet-14", 0)]
+
+
+@pytest.fixture(scope="module")
+def store(tracking_uri: str) -> dict:
+    """A study as the study runner lays it out: one parent run, one child run per training."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(STUDY)
+    exp_id = exp.experiment_id if exp else client.create_experiment(STUDY)
+    parent = client.create_run(exp_id, run_name=STUDY, tags={"kind": "study", "study": STUDY, "scale": "cpu",
+                                                             "study_file": f"experiments/{STUDY}.toml"})
+    pid = parent.info.run_id
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI box is shared; one thread avoids oversubscription
+    try:
+        results = {}
+        for model, seed in NETS:
+            cfg = TrainConfig(model=model, dataset="synthetic", iterations=20, log_every=10, eval_every=10,
+                              eval_batch_size=256, batch_size=32, seed=seed, tracking_uri=tracking_uri,
+                              experiment=STUDY, progress=False, checkpoint_every=0)
+            r = train(cfg, parent_run_id=pid, extra_tags={"kind": "train", "study": STUDY, "scale": "cpu"})
+            assert r.status == "FINISHED"
+            results[(model, seed)] = r.run_id
+    finally:
+        torch.set_num_threads(threads)
+    client.log_text(pid, 'name = "analysis_study"\nmodels = ["plain-8", "plain-14", "resnet-8", "resnet-14"]\n',
+                    f"study/{STUDY}.toml")
+    client.log_param(pid, "seeds", "[0]")
+    client.set_terminated(pid, "FINISHED")
+    return {"uri": tracking_uri, "parent": pid, "runs": results}
+
+
+@pytest.fixture(scope="module")
+def study(store: dict):
+    return load_study(STUDY, store["uri"])
+
+
+@pytest.fixture(scope="module")
+def report(store: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reports")
+    return write_report(STUDY, tracking_uri=store["uri"], out_dir=out)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_runs_table_matches_mlflow(store: dict, study) -> None:
+    client = MlflowClient(store["uri"])
+    assert sorted(zip(study.runs["model"], study.runs["seed"])) == sorted(NETS)
+    for row in study.runs.itertuples():
+        m = client.get_run(row.run_id).data.metrics
+        assert row.train_error == m["train/error"] and row.test_error == m["test/error"]
+        assert row.run_id == store["runs"][(row.model, row.seed)]
+        assert row.arch == ("plain" if row.model.startswith("plain") else "residual")
+        assert row.depth == int(row.model.split("-")[1]) and row.scale == "cpu"
+    assert study.parent.run_id == store["parent"] and "models" in study.parent.study_text
+
+
+def test_curves_are_full_histories(store: dict, study) -> None:
+    client = MlflowClient(store["uri"])
+    rid = store["runs"][("resnet-14", 0)]
+    for key in ("train/error", "test/error", "lr"):
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(rid, key))
+        got = study.curves[(study.curves["run_id"] == rid) & (study.curves["metric"] == key)]
+        assert list(zip(got["iteration"], got["value"])) == hist
+    assert set(study.curves["metric"]) <= set(CURVE_KEYS)
+    assert not study.curves["metric"].str.startswith("grad").any()
+
+
+def test_curves_are_read_in_bulk_not_per_run(store: dict, study, monkeypatch: pytest.MonkeyPatch) -> None:
+    def per_run_read(*_a, **_k):
+        raise AssertionError("get_metric_history called: curves must come from one bulk read per key")
+
+    monkeypatch.setattr(MlflowClient, "get_metric_history", per_run_read)
+    again = load_study(STUDY, store["uri"], probes=False)
+    pd.testing.assert_frame_equal(again.curves, study.curves)
+
+
+def test_probe_tables_come_from_artifacts(study) -> None:
+    n_runs = len(study.runs)
+    for name in ("grad_flow", "responses", "grad_norms", "grad_norm_series"):
+        df = getattr(study, name)
+        assert df["run_id"].nunique() == n_runs, name
+        assert {"model", "arch", "depth", "seed", "layer", "layer_index", "iteration", "value"} <= set(df.columns)
+    # flow and responses at init, each evaluation and the end
+    assert sorted(study.grad_flow["iteration"].unique()) == [0, 10, 20]
+    assert set(study.grad_norms["group"]) == {"weight", "bn"}
+
+
+def test_aggregate_mean_and_std_over_seeds(store: dict, study) -> None:
+    client = MlflowClient(store["uri"])
+    agg = aggregate(study.runs).set_index("model")
+    vals = [client.get_run(store["runs"][("resnet-8", s)]).data.metrics["test/error"] for s in (0, 1)]
+    assert agg.loc["resnet-8", "n_seeds"] == 2
+    assert agg.loc["resnet-8", "test_error_mean"] == pytest.approx(np.mean(vals))
+    assert agg.loc["resnet-8", "test_error_std"] == pytest.approx(np.std(vals, ddof=1))
+    assert math.isnan(agg.loc["plain-8", "test_error_std"]) and agg.loc["plain-8", "n_seeds"] == 1
+    assert list(agg.index) == ["plain-8", "plain-14", "resnet-8", "resnet-14"]
+
+
+def test_grad_norm_reduction_windows(tmp_path: Path) -> None:
+    iters = np.arange(25)
+    layers = ["stem.conv", "fc", "stem.bn"]
+    df = pd.DataFrame({"iteration": np.repeat(iters, 3), "layer": pd.Categorical(np.tile(layers, 25)),
+                       "layer_index": np.tile([0, 1, 0], 25), "group": pd.Categorical(np.tile(["weight", "weight", "bn"], 25)),
+                       "value": np.repeat(iters.astype(float), 3) + np.tile([0.0, 100.0, 200.0], 25)})
+    df.to_parquet(tmp_path / "g.parquet", index=False)
+    snaps, series = reduce_grad_norms(tmp_path / "g.parquet", points=[0, 10, 25], window=10, max_points=5)
+    stem = snaps[snaps["layer"] == "stem.conv"].set_index("iteration")
+    assert stem.loc[0, "value"] == 0 and stem.loc[10, "value"] == pytest.approx(4.5)  # mean of 0..9
+    assert stem.loc[25, "value"] == pytest.approx(19.5) and stem.loc[25, "n_iterations"] == 10  # 15..24
+    fc = series[series["layer"] == "fc"]
+    assert len(fc) == 5 and fc["value"].tolist() == pytest.approx([102, 107, 112, 117, 122])
+    # rows in any order (not the layout Probes writes) reduce to the same numbers
+    df.sample(frac=1.0, random_state=0).to_parquet(tmp_path / "shuffled.parquet", index=False)
+    snaps2, series2 = reduce_grad_norms(tmp_path / "shuffled.parquet", points=[0, 10, 25], window=10, max_points=5)
+    for a, b in ((snaps, snaps2), (series, series2)):
+        key = ["iteration", "layer", "group"]
+        a, b = (x.sort_values(key).reset_index(drop=True) for x in (a, b))
+        pd.testing.assert_frame_equal(a, b)
+
+
+# --------------------------------------------------------------------------- figures and report
+
+
+def test_every_figure_is_written_as_png_and_pdf(report: Path) -> None:
+    fig_dir = report.parent / "figures"
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            path = fig_dir / f"{name}.{ext}"
+            assert path.is_file() and path.stat().st_size > 1000, path
+    from PIL import Image
+
+    with Image.open(fig_dir / "degradation.png") as im:
+        assert im.info["dpi"][0] >= 150
+
+
+def test_report_table_equals_run_metrics(store: dict, report: Path) -> None:
+    client = MlflowClient(store["uri"])
+    text = report.read_text()
+    for (model, seed), rid in store["runs"].items():
+        assert rid[:8] in text and rid in text  # short id in the results table, full id in the runs table
+    m = {s: client.get_run(store["runs"][("resnet-8", s)]).data.metrics for s in (0, 1)}
+    te = [m[s]["test/error"] for s in (0, 1)]
+    assert f"{np.mean(te):.2f} ± {np.std(te, ddof=1):.2f}" in text
+    plain14 = client.get_run(store["runs"][("plain-14", 0)]).data.metrics
+    row = next(line for line in text.splitlines() if line.startswith("| plain-14 |"))
+    assert f"| {plain14['train/error']:.2f} | {plain14['test/error']:.2f} |" in row
+    html = (report.parent / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(FIGURES) and "src=\"figures/" not in html
+
+
+def test_report_is_logged_to_the_parent_run(store: dict, report: Path) -> None:
+    client = MlflowClient(store["uri"])
+    names = {a.path for a in client.list_artifacts(store["parent"], "report")}
+    assert {"report/report.md", "report/report.html", "report/figures"} <= names
+    figs = {a.path for a in client.list_artifacts(store["parent"], "report/figures")}
+    assert "report/figures/degradation.pdf" in figs
+
+
+def test_summary_is_computed_from_the_numbers(study, tmp_path: Path) -> None:
+    agg = aggregate(study.runs).set_index("model")
+    a, b = agg.loc["plain-14", "train_error_mean"], agg.loc["plain-8", "train_error_mean"]
+    word = "higher" if a > b else "lower"
+    rep = build_report(study, tmp_path / "r1", figures=[])
+    assert any(s.startswith(f"plain-14 ends with {word} training error than plain-8: {a:.2f} % vs {b:.2f} %")
+               for s in rep.summary)
+    # flip the ordering in the loaded runs: the sentence must flip with it
+    runs = study.runs.copy()
+    i14, i8 = runs.index[runs["model"] == "plain-14"][0], runs.index[runs["model"] == "plain-8"][0]
+    runs.loc[i14, "train_error"], runs.loc[i8, "train_error"] = b, a
+    flipped = dataclasses.replace(study, runs=runs)
+    rep2 = build_report(flipped, tmp_path / "r2", figures=[])
+    other = "lower" if word == "higher" else "higher"
+    assert any(s.startswith(f"plain-14 ends with {other} training error than plain-8: {b:.2f} % vs {a:.2f} %")
+               for s in rep2.summary)
+    assert f"{b:.2f} % vs {a:.2f} %" in rep2.markdown.read_text()
+
+
+def _agg(rows: list[tuple[str, float, float, float]]) -> pd.DataFrame:
+    runs = pd.DataFrame([{"run_id": f"r{i}", "run_name": f"{m}-s{s}", "model": m, "arch": "plain" if m.startswith("plain") else "residual",
+                          "depth": int(m.split("-")[1]), "seed": s, "train_error": tr, "test_error": te}
+                         for i, (m, s, tr, te) in enumerate(rows)])
+    return aggregate(runs)
+
+
+def test_findings_flip_with_the_data() -> None:
+    deg = findings.depth_findings(_agg([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0)]))
+    assert deg[0].startswith("plain-56 ends with higher training error than plain-20: 4.10 % vs 2.30 %")
+    assert "degradation problem" in deg[0]
+    no_deg = findings.depth_findings(_agg([("plain-20", 0, 4.1, 8.0), ("plain-56", 0, 2.3, 9.0)]))
+    assert no_deg[0].startswith("plain-56 ends with lower training error than plain-20: 2.30 % vs 4.10 %")
+    assert "no degradation" in no_deg[0]
+    seeds = _agg([("resnet-56", 0, 1.0, 7.0), ("resnet-56", 1, 1.2, 7.2), ("plain-56", 0, 4.0, 10.0),
+                  ("plain-56", 1, 4.4, 10.4)])
+    (rvp,) = findings.residual_vs_plain(seeds)
+    assert rvp.startswith("At depth 56, ResNet-56 ends with lower training error than plain-56: 1.10 % vs 4.20 %")
+    assert "beyond the seed-to-seed spread" in rvp
+    close = _agg([("resnet-56", 0, 4.0, 7.0), ("resnet-56", 1, 4.4, 7.2), ("plain-56", 0, 4.1, 10.0),
+                  ("plain-56", 1, 4.5, 10.4)])
+    assert "within the seed-to-seed spread" in findings.residual_vs_plain(close)[0]
+    assert findings.depth_findings(_agg([("plain-20", 0, 2.0, 8.0)])) == []
+
+
+def test_gradient_flow_finding_flips() -> None:
+    def flow(first_plain: float, first_res: float) -> pd.DataFrame:
+        rows = []
+        for rid, model, first in (("p", "plain-56", first_plain), ("r", "resnet-56", first_res)):
+            for it in (0, 100):
+                rows += [{"run_id": rid, "model": model, "arch": "plain" if rid == "p" else "residual", "depth": 56,
+                          "seed": 0, "iteration": it, "layer": "stage1.block0", "layer_index": 0, "value": first},
+                         {"run_id": rid, "model": model, "arch": "plain" if rid == "p" else "residual", "depth": 56,
+                          "seed": 0, "iteration": it, "layer": "head/input", "layer_index": 27, "value": 1.0}]
+        return pd.DataFrame(rows)
+
+    (s,) = findings.gradient_flow_findings(findings.flow_ratios(flow(30.0, 2.0)))
+    assert "it grows 30× in plain-56 and grows 2× in ResNet-56" in s
+    assert s.endswith("closer to 1 (the gradient reaches the input more evenly) in ResNet-56 at init and at the end "
+                      "of training.")
+    (s,) = findings.gradient_flow_findings(findings.flow_ratios(flow(1.5, 0.1)))
+    assert "grows 1.5× in plain-56 and shrinks to 0.1× in ResNet-56" in s
+    assert s.endswith("in plain-56 at init and at the end of training.")
+
+
+def test_weight_gradient_finding_follows_the_ratio() -> None:
+    def series(first_plain: float) -> pd.DataFrame:
+        rows = []
+        for rid, arch, first in (("p", "plain", first_plain), ("r", "residual", 0.8)):
+            model = f"{'plain' if arch == 'plain' else 'resnet'}-20"
+            for it in (0, 50, 100):
+                for layer, idx, value in (("stem.conv", 0, first), ("stage3.block2.conv2", 18, 1.0), ("fc", 19, 9.0)):
+                    rows.append({"run_id": rid, "model": model, "arch": arch, "depth": 20, "seed": 0, "iteration": it,
+                                 "layer": layer, "layer_index": idx, "group": "weight", "value": value})
+        return pd.DataFrame(rows)
+
+    (s,) = findings.weight_grad_findings(findings.weight_grad_ratios(series(0.5)))
+    assert "is 0.5× in plain-20 and 0.8× in ResNet-20" in s and "does not vanish" in s
+    (s,) = findings.weight_grad_findings(findings.weight_grad_ratios(series(0.01)))
+    assert "is 0.01× in plain-20" in s and "weight gradients do shrink towards the input" in s
+
+
+def test_partial_study_still_draws_figures_with_a_note(study, tmp_path: Path) -> None:
+    plain_only = study.select(lambda r: r["arch"] == "plain")
+    rep = build_report(plain_only, tmp_path / "partial")
+    assert all(f.made for f in rep.figures)
+    assert any("no ResNet runs" in n for n in rep.notes)
+    assert any("plain-14 has no ResNet counterpart" in n for n in rep.notes)
+    assert "## Notes" in rep.markdown.read_text()
+
+
+def _empty_study(uri: str) -> str:
+    """Experiment ``analysis_empty``: a study parent run and no training runs."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("analysis_empty")
+    if exp is not None:
+        return exp.experiment_id
+    exp_id = client.create_experiment("analysis_empty")
+    client.create_run(exp_id, run_name="analysis_empty", tags={"kind": "study", "study": "analysis_empty"})
+    return exp_id
+
+
+def test_no_runs_and_missing_experiment_are_user_errors(store: dict) -> None:
+    exp_id = _empty_study(store["uri"])
+    with pytest.raises(UserError, match=r"no training runs in experiment 'analysis_empty' in tracking store sqlite:///") as e:
+        load_study("analysis_empty", store["uri"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"no MLflow experiment 'nope' in tracking store sqlite:///.*analysis_study"):
+        write_report("nope", tracking_uri=store["uri"], log_to_mlflow=False)
+
+
+def test_cli_no_runs_exits_2_with_one_line_and_writes_nothing(store: dict, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from resnet_lab.cli import main
+
+    client = MlflowClient(store["uri"])
+    exp_id = _empty_study(store["uri"])
+    n_runs = len(client.search_runs([exp_id]))
+    out = tmp_path / "out"
+    assert main(["report", "analysis_empty", "--tracking-uri", store["uri"], "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resnet-lab: error: no training runs in experiment 'analysis_empty'") and err.count("\n") == 1
+    assert not out.exists() and len(client.search_runs([exp_id])) == n_runs
+    # a store that does not exist is not created by asking for its report
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    assert main(["report", STUDY, "--tracking-uri", f"sqlite:///{missing}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resnet-lab: error: no MLflow tracking store at sqlite:///") and err.count("\n") == 1
+    assert not missing.parent.exists() and not out.exists()
+    # an --out that cannot be a folder (below a regular file)
+    (tmp_path / "a-file").write_text("")
+    assert main(["report", STUDY, "--tracking-uri", store["uri"], "--out", str(tmp_path / "a-file" / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot create the report folder {tmp_path / 'a-file' / 'o' / STUDY}" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_cli_report_command(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("analysis.document.make_figures", lambda *_a: [])  # drawn and checked above; skip the time
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    toml = tmp_path / f"{STUDY}.toml"
+    toml.write_text("")
+    args = parser.parse_args(["report", str(toml), "--tracking-uri", store["uri"], "--out", str(tmp_path / "o"),
+                              "--no-mlflow"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(tmp_path / "o" / STUDY / "report.md") and Path(printed).is_file()
+    assert parser.parse_args(["report"]).study == "fashion_mnist"
+    assert study_name("cifar10_paper") == "cifar10_paper"
+    named = tmp_path / "some_file.toml"
+    named.write_text('name = "cifar10_paper"\n')
+    assert study_name(str(named)) == "cifar10_paper"  # the file's name key, as the study runner uses it
+    with pytest.raises(UserError, match="not found"):
+        study_name(str(tmp_path / "missing.toml"))
