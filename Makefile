@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 STUDY  ?= experiments/fashion_mnist.toml
 STUDY_ARGS ?=
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
@@ -34,8 +35,8 @@ ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
 
 bench: setup
-	$(BIN)/python benchmarks/probe_overhead.py
-	$(BIN)/python benchmarks/throughput.py --csv benchmarks/results/throughput.csv
+	$(BIN)/python benchmarks/probe_overhead.py $(BENCH_ARGS) --csv benchmarks/results/probe_overhead.csv
+	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS) --csv benchmarks/results/throughput.csv
 
 clean:
 	rm -rf $(VENV) .pytest_cache

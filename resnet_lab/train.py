@@ -215,19 +215,8 @@ def _loop(s: Setup, tracker: RunTracker, stop: StopFlag, ckpt_path: Path | None,
     bar = tqdm(total=s.iterations, initial=start, desc=cfg.name, unit="it", disable=not cfg.progress, dynamic_ncols=True)
     window_start = time.perf_counter()
     for it in range(start, s.iterations):
-        lr = lr_at(cfg, it)
-        for group in opt.param_groups:
-            group["lr"] = lr
         x, y = next(batches)
-        x = x.contiguous(memory_format=fmt)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = step_model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        probes.on_backward(it)
-        opt.step()
-        stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) != y).sum()])
+        lr = train_step(step_model, opt, probes, stats, cfg, it, x, y, amp=cuda, fmt=fmt)
         window_iters += 1
 
         done = it + 1
@@ -268,6 +257,28 @@ def _loop(s: Setup, tracker: RunTracker, stop: StopFlag, ckpt_path: Path | None,
     bar.close()
     _log_final_artifacts(tracker, model, cfg, probes)
     return TrainResult(tracker.run_id, "FINISHED", s.iterations, last)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, probes: Probes, stats: torch.Tensor, cfg: TrainConfig,
+               it: int, x: torch.Tensor, y: torch.Tensor, *, amp: bool, fmt: torch.memory_format) -> float:
+    """One SGD iteration; adds (loss sum, errors) to ``stats`` on the device and returns the lr.
+
+    Nothing here reads a value back to the host, so on CUDA the next step is queued at once.
+    Shared with ``benchmarks/`` so the benchmarks time exactly this step.
+    """
+    lr = lr_at(cfg, it)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    x = x.contiguous(memory_format=fmt)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    probes.on_backward(it)
+    opt.step()
+    stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) != y).sum()])
+    return lr
 
 
 def make_probes(cfg: TrainConfig, model: ResNet, device: torch.device, test_loader: DeviceLoader) -> Probes:

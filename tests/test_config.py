@@ -82,3 +82,15 @@ def test_unreadable_and_invalid_config_files(tmp_path: Path) -> None:
     bad.write_text("lr = = 1")
     with pytest.raises(UserError, match="not valid TOML"):
         load_toml(bad)
+
+
+def test_compile_is_a_speed_switch_not_a_new_training() -> None:
+    """A run compiled and one not compiled train the same net: a study must not retrain on the flag."""
+    assert TrainConfig(compile=True).config_hash() == TrainConfig(compile=False).config_hash()
+    assert TrainConfig(lr=0.05).config_hash() != TrainConfig().config_hash()
+
+
+def test_compile_on_cpu_without_a_compiler_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+        TrainConfig(compile=True, device="cpu").validate()

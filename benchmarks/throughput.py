@@ -1,0 +1,283 @@
+"""Training images/s: a reference CIFAR loop vs the lab's own loop, same model, same process (issue 6).
+
+* reference: the loop most CIFAR repos have (kuangliu/pytorch-cifar style): a Dataset that,
+  like ``torchvision.datasets.CIFAR10``, turns an HWC uint8 array into a PIL image per item,
+  torchvision ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToTensor``,
+  ``Normalize``; ``DataLoader(batch 128, shuffle)``; fp32; ``loss.item()`` every step. It runs
+  with every ``--ref-workers`` count and the fastest is the reference, so it is not
+  handicapped by a worker count that suits another machine.
+* lab: ``resnet_lab.data.DeviceLoader`` (uint8 split on the device, one-gather crop+flip),
+  ``resnet_lab.models.build_model`` and the step of ``resnet_lab.train._loop``
+  (``bench_common.lab_step``) with the default probes (weight-grad norms every step) and
+  the loss/grad-norm read-back every 100 steps; bf16 autocast + channels_last on CUDA.
+  Evaluation, MLflow logging and checkpoints are not timed (the reference has none).
+
+Both use CIFAR-10-shaped synthetic uint8 data (``--images`` random 3x32x32 images, 10
+classes; speed does not depend on content), batch 128, SGD(0.1, 0.9, 1e-4), the same
+architecture built from the same seed; ``cudnn.benchmark`` is on for both (kuangliu sets
+it too). Timing: after ``--warmup`` steps each, ``--windows`` rounds, each round one window
+of ``--steps`` steps per loop between synchronised clocks, loop order rotating per round.
+Batches a DataLoader prefetched while the other loops ran are taken off its queue, untimed,
+before its window. Rates are medians over windows; lab/ref is the median over rounds of
+the ratio within a round, so machine drift hits both alike. ``--compile`` adds a third loop,
+the lab's with its model ``torch.compile``'d for the step (``--set compile=true`` in
+training), timed in the same rounds; its first warm-up step includes the compile.
+
+    python benchmarks/throughput.py [--device cpu|cuda] [--models ...] [--windows N] [--steps N]
+                                    [--warmup N] [--ref-workers N ...] [--images N] [--compile]
+                                    [--csv PATH] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from bench_common import (add_threads_option, device_name, header, lab_step, load, log_point, median, pick_devices,
+                          set_threads, timed, write_csv)
+from resnet_lab.config import TrainConfig
+from resnet_lab.data import DeviceLoader, Split
+from resnet_lab.errors import UserError
+from resnet_lab.models import build_model, parse_model_name
+from resnet_lab.probes import Probes
+
+BATCH = 128
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+MODELS = ["resnet-20", "resnet-56", "resnet-110", "plain-56"]
+STUDY = [f"{arch}-{d}" for arch in ("plain", "resnet") for d in (20, 32, 44, 56, 110)]  # cifar10_paper
+STUDY_ITERATIONS = 64_000
+DEFAULTS = {  # CPU: a whole run stays within ~5 min on 2 idle cores
+    "cpu": dict(windows=3, steps=3, warmup=2, images=50_000, ref_workers=[0, 2]),
+    "cuda": dict(windows=10, steps=50, warmup=30, images=50_000, ref_workers=[2, min(8, os.cpu_count() or 2)]),
+}
+QUICK = dict(windows=2, steps=2, warmup=1, images=4096)
+
+
+class SyntheticCIFAR(torch.utils.data.Dataset):
+    """What ``torchvision.datasets.CIFAR10.__getitem__`` does: HWC uint8 row -> PIL image -> transform."""
+
+    def __init__(self, data: np.ndarray, targets: list[int], transform: T.Compose) -> None:
+        self.data, self.targets, self.transform = data, targets, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
+
+
+def endless(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+class ReferenceLoop:
+    def __init__(self, name: str, device: torch.device, split: Split, workers: int) -> None:
+        self.label, self.workers, self.device = f"reference ({workers} workers)", workers, device
+        transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                               T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+        data = split.images.permute(0, 2, 3, 1).contiguous().numpy()  # CIFAR10.data is [N, 32, 32, 3]
+        dataset = SyntheticCIFAR(data, split.labels.tolist(), transform)
+        self.loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers)
+        self.batches = endless(self.loader)
+        torch.manual_seed(0)
+        self.model = build_model(name).to(device).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        self.train_loss = 0.0
+
+    def before_window(self) -> None:
+        """Take off the batches the workers prefetched while other loops ran (untimed)."""
+        if self.workers:
+            for _ in range(self.workers * (self.loader.prefetch_factor or 2)):
+                next(self.batches)
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            inputs, targets = next(self.batches)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            self.opt.zero_grad()
+            outputs = self.model(inputs)
+            loss = F.cross_entropy(outputs, targets)
+            loss.backward()
+            self.opt.step()
+            self.train_loss += loss.item()
+
+
+class LabLoop:
+    def __init__(self, name: str, device: torch.device, split: Split, compile_step: bool) -> None:
+        self.label, self.workers, self.device = "lab" + (" (compiled)" if compile_step else ""), None, device
+        self.cfg = TrainConfig(model=name)  # the defaults `resnet-lab train` runs with
+        self.cuda = device.type == "cuda"
+        self.fmt = torch.channels_last if self.cuda else torch.contiguous_format
+        torch.manual_seed(0)
+        self.model = build_model(name).to(device, memory_format=self.fmt).train()
+        self.step_model = torch.compile(self.model) if compile_step else self.model
+        c = self.cfg
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        self.batches = DeviceLoader(split, batch_size=BATCH, device=device, mean=CIFAR_MEAN, std=CIFAR_STD,
+                                    train=True, augment=c.augment, seed=c.seed).batches()
+        self.probes = Probes(self.model, device=device, grad_every=c.grad_every, log_every=c.log_every,
+                             enabled=c.probes)
+        self.stats = torch.zeros(2, device=device)
+        self.it = 0
+
+    def before_window(self) -> None:
+        pass
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            x, y = next(self.batches)
+            lab_step(self.step_model, self.opt, self.probes, self.stats, self.cfg, self.it, x, y,
+                     amp=self.cuda, fmt=self.fmt)
+            self.it += 1
+            if self.it % self.cfg.log_every == 0:
+                log_point(self.probes, self.stats)
+
+
+def synthetic_split(n: int) -> Split:
+    g = torch.Generator().manual_seed(0)
+    return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                 torch.randint(0, 10, (n,), generator=g))
+
+
+def bench_model(name: str, device: torch.device, split: Split, *, windows: int, steps: int, warmup: int,
+                ref_workers: list[int], compile_step: bool) -> list[dict]:
+    """One row per loop: images/s (median, min, max over windows); lab rows carry lab/ref."""
+    loops = [ReferenceLoop(name, device, split, w) for w in ref_workers] + [LabLoop(name, device, split, False)]
+    loops += [LabLoop(name, device, split, True)] if compile_step else []
+    for loop in loops:
+        loop.steps(warmup)
+    rates: dict[str, list[float]] = {loop.label: [] for loop in loops}
+    for r in range(windows):
+        for loop in loops[r % len(loops):] + loops[:r % len(loops)]:
+            loop.before_window()
+            rates[loop.label].append(steps * BATCH / timed(lambda: loop.steps(steps), device))
+    refs = [loop for loop in loops if isinstance(loop, ReferenceLoop)]
+    best = max(refs, key=lambda loop: median(rates[loop.label]))
+    rows = []
+    for loop in loops:
+        rs = rates[loop.label]
+        ratios = [a / b for a, b in zip(rs, rates[best.label])]
+        rows.append({"model": name, "device": device.type, "loop": loop.label, "workers": loop.workers,
+                     "images_per_s": median(rs), "min": min(rs), "max": max(rs), "windows": windows,
+                     "steps": steps, "ratio_to_reference": median(ratios),
+                     "ratio_q1": statistics.quantiles(ratios, n=4)[0] if len(ratios) > 1 else ratios[0],
+                     "ratio_q3": statistics.quantiles(ratios, n=4)[2] if len(ratios) > 1 else ratios[0],
+                     "is_reference": loop is best})
+    return rows
+
+
+def study_hours(rates: dict[str, float]) -> tuple[float, list[str]]:
+    """Hours for the 10 cifar10_paper nets x 64k steps, one after another, from img/s per model.
+
+    Unmeasured depths: seconds/step from a least-squares line in depth through the measured
+    models (both families: the shortcut add is cheap), or proportional to depth from a single
+    depth. Training steps only (evaluation adds about 1-2 %).
+    """
+    sec = {m: BATCH / r for m, r in rates.items()}
+    depths = np.array([parse_model_name(m).depth for m in sec], dtype=float)
+    times = np.array(list(sec.values()))
+    if len(set(depths)) >= 2:
+        slope, intercept = np.polyfit(depths, times, 1)
+        estimate = lambda d: intercept + slope * d  # noqa: E731
+    else:
+        estimate = lambda d: times.mean() * d / depths.mean()  # noqa: E731
+    scaled = [m for m in STUDY if m not in sec]
+    total = sum(sec.get(m, estimate(parse_model_name(m).depth)) for m in STUDY) * STUDY_ITERATIONS
+    return total / 3600, scaled
+
+
+def fmt_hours(h: float) -> str:
+    return f"{h * 60:.1f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], action="append",
+                   help="repeatable; default: cpu, plus cuda when present")
+    p.add_argument("--models", nargs="+", default=MODELS, help=f"default: {' '.join(MODELS)}")
+    p.add_argument("--windows", type=int, help="timed windows per loop (default 3 on CPU, 10 on CUDA)")
+    p.add_argument("--steps", type=int, help="steps per window (default 3 on CPU, 50 on CUDA)")
+    p.add_argument("--warmup", type=int, help="untimed steps per loop first (default 2 on CPU, 30 on CUDA)")
+    p.add_argument("--ref-workers", type=int, nargs="+",
+                   help="DataLoader num_workers counts tried for the reference (default 0 2 on CPU, 2 8 on CUDA)")
+    p.add_argument("--images", type=int, help="synthetic training images (default 50000)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the lab loop with its model torch.compile'd for the step (--set compile=true)")
+    add_threads_option(p)
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--quick", action="store_true", help="smoke run: resnet-20, 2 windows of 2 steps, 4096 images")
+    args = p.parse_args()
+    try:
+        for model in args.models:
+            parse_model_name(model)
+    except UserError as e:
+        p.error(str(e))
+    for key in ("windows", "steps", "images"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error(f"--{key} must be >= 1")
+    if args.warmup is not None and args.warmup < 0 or any(w < 0 for w in args.ref_workers or []):
+        p.error("--warmup and --ref-workers must be >= 0")
+    devices = pick_devices(args.device, "throughput")
+    models = ["resnet-20"] if args.quick and args.models == MODELS else args.models
+    set_threads(args.threads, p)
+    torch.backends.cudnn.benchmark = True
+
+    print(header(devices))
+    print(f"batch {BATCH}, CIFAR-10-shaped synthetic uint8 data; lab/ref = median over rounds of the "
+          "within-round ratio to the fastest reference; q1-q3 = its quartiles")
+    rows = []
+    for dev in devices:
+        opt = DEFAULTS[dev.type] | (QUICK if args.quick else {})
+        opt |= {k: v for k, v in vars(args).items() if k in opt and v is not None}
+        opt["ref_workers"] = sorted(set(opt["ref_workers"]))
+        if opt["images"] < BATCH:  # loaders wrap epochs endlessly, so one batch is enough
+            p.error(f"--images must be at least one batch ({BATCH})")
+        split = synthetic_split(opt["images"])
+        print(f"\n{dev.type}: {opt['images']} images, warm-up {opt['warmup']} steps, {opt['windows']} windows x "
+              f"{opt['steps']} steps per loop, reference workers {opt['ref_workers']}")
+        print("\n| model | device | reference img/s (workers) | loop | img/s | lab/ref | q1-q3 |"
+              "\n|---|---|---:|---|---:|---:|---|")
+        dev_rows = []
+        for name in models:
+            got = bench_model(name, dev, split, windows=opt["windows"], steps=opt["steps"], warmup=opt["warmup"],
+                              ref_workers=opt["ref_workers"], compile_step=args.compile)
+            ref = next(r for r in got if r["is_reference"])
+            for lab in (r for r in got if r["workers"] is None):
+                print(f"| {name} | {dev.type} | {ref['images_per_s']:.0f} ({ref['workers']}) | {lab['loop']} | "
+                      f"{lab['images_per_s']:.0f} | {lab['ratio_to_reference']:.2f} | "
+                      f"{lab['ratio_q1']:.2f}-{lab['ratio_q3']:.2f} |", flush=True)
+            dev_rows += got
+        print("\nevery loop (img/s over windows):\n\n| model | device | loop | median | min | max | ratio to reference |"
+              "\n|---|---|---|---:|---:|---:|---:|")
+        for r in dev_rows:
+            print(f"| {r['model']} | {r['device']} | {r['loop']} | {r['images_per_s']:.0f} | {r['min']:.0f} | "
+                  f"{r['max']:.0f} | {r['ratio_to_reference']:.2f} |")
+        kinds = [("reference", lambda r: r["is_reference"])]
+        kinds += [(lab, lambda r, lab=lab: r["loop"] == lab) for lab in ("lab", "lab (compiled)")
+                  if any(r["loop"] == lab for r in dev_rows)]
+        for kind, pick in kinds:
+            hours, scaled = study_hours({r["model"]: r["images_per_s"] for r in dev_rows if pick(r)})
+            note = f"; depth-scaled (not measured): {', '.join(scaled)}" if scaled else ""
+            print(f"projection, {kind} on {device_name(dev)}: cifar10_paper study (10 nets x "
+                  f"{STUDY_ITERATIONS} iterations, batch {BATCH}, one after another, training steps only) "
+                  f"= {fmt_hours(hours)}{note}")
+        rows += [r | {"device_name": device_name(dev), "torch": torch.__version__} for r in dev_rows]
+    print(f"\n{load()} at end")
+    if args.csv:
+        write_csv(args.csv, rows)
+        print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
