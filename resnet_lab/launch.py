@@ -25,7 +25,8 @@ from .config import TrainConfig
 from .errors import UserError
 
 if TYPE_CHECKING:
-    from .study import Outcome, StudyRun
+    from .study import Outcome
+    from .studyfile import StudyRun
 
 OnDone = Callable[["Outcome"], None]
 
@@ -88,7 +89,8 @@ class Reporter:
         if not (self.cost_done and self.busy):
             return None
         rate = self.busy / self.cost_done  # seconds per unit of cost, in one slot
-        slots = [max(self.cost[i] * rate - (now - t), 0.0) for i, t in self.started_at.items()]
+        # A run past its estimate is taken to need a tenth of it more, not nothing.
+        slots = [max(self.cost[i] * rate - (now - t), 0.1 * self.cost[i] * rate) for i, t in self.started_at.items()]
         slots += [0.0] * max(self.jobs - len(slots), 0)
         for index, cost in self.cost.items():
             if index not in self.started_at:

@@ -359,8 +359,8 @@ def _pick_scale(scales: dict[str, Study], path: str | Path, scale: str, ray_pool
     if [r.config_hash for r in cpu.runs] == [r.config_hash for r in full.runs]:
         what = "its [cpu] table changes nothing, so these are the full study's runs, tagged scale cpu"
     else:
-        what = f"{len(cpu.runs)} runs with the file's reduced [cpu] settings, not the {len(full.runs)} runs " \
-               "of the full study"
+        what = f"{len(cpu.runs)} runs with the file's reduced [cpu] settings, not the " + \
+            (f"{len(full.runs)} runs of the full study" if len(full.runs) != len(cpu.runs) else "full settings")
     print(f"resnet-lab study: no CUDA device {where}, so this runs the CPU scale of {path} ({what}); "
           "force the full study with --scale full", file=sys.stderr, flush=True)
     return scales["cpu"]
