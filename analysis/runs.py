@@ -134,7 +134,7 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
     wins. What is left out and why is in ``notes`` and ``left_out``. An unknown experiment
     or one with no finished training runs is a ``UserError``.
     """
-    from resnet_lab.tracking import connect, resolve_tracking_uri
+    from resnet_lab.tracking import connect, resolve_tracking_uri, search_all_runs
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
         known = f"; experiments there: {', '.join(names[:12])}" if names else "; the store has no experiments"
         raise UserError(f"no MLflow experiment {study!r} in tracking store {safe_uri(uri)}{known} "
                         "(run the study first, or pass --tracking-uri)")
-    all_runs = _search_all(client, exp.experiment_id)
+    all_runs = search_all_runs(client, exp.experiment_id)
     timings["search_runs"] = time.perf_counter() - t0
 
     notes: list[str] = []
@@ -201,19 +201,6 @@ def _require_sqlite_file(uri: str) -> None:
     if path in ("", ":memory:") or not Path(path).is_file():
         raise UserError(f"no MLflow tracking store at {safe_uri(uri)} (file {path or '?'} not found): run the study "
                         "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI to the store it wrote")
-
-
-def _search_all(client: Any, experiment_id: str) -> list[Any]:
-    from mlflow.entities import ViewType
-
-    out, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
-                                  page_token=token)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
 
 
 def _pick_parent(all_runs: list[Any], study: str, scale: str | None) -> ParentRun | None:

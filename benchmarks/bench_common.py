@@ -14,10 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from resnet_lab.config import TrainConfig
 from resnet_lab.probes import Probes
 from resnet_lab.train import train_step
 

@@ -123,17 +123,10 @@ def absolute_uri(uri: str) -> str:
 
 
 def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
-    """Every active run matching ``filter_string``, newest first (all pages)."""
-    from mlflow.entities import ViewType
+    """Every active run matching ``filter_string``, newest first."""
+    from .tracking import search_all_runs
 
-    out, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-                                  max_results=1000, order_by=["attributes.start_time DESC"], page_token=token)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
+    return search_all_runs(client, experiment_id, filter_string, order_by=["attributes.start_time DESC"])
 
 
 def _children_filter(study: Study) -> str:

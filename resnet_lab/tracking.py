@@ -132,6 +132,21 @@ def _check_sqlite_location(uri: str) -> None:
     check_can_create(db.parent, "the MLflow store's folder", "choose another --tracking-uri")
 
 
+def search_all_runs(client: Any, experiment_id: str, filter_string: str = "",
+                    order_by: list[str] | None = None) -> list[Any]:
+    """Every active run of the experiment matching ``filter_string``, all pages of MLflow's 1000 cap."""
+    from mlflow.entities import ViewType
+
+    out, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+                                  max_results=1000, order_by=order_by, page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
 def display_uri(uri: str) -> str:
     """``uri`` without a password, for messages."""
     parts = urlsplit(uri)
