@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: setup test depth-study report ui bench clean
+.PHONY: setup test depth-study report ui bench bench-report clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ ui: setup
 bench: setup
 	$(BIN)/python benchmarks/probe_overhead.py $(BENCH_ARGS) --csv benchmarks/results/probe_overhead.csv
 	$(BIN)/python benchmarks/throughput.py $(BENCH_ARGS) --csv benchmarks/results/throughput.csv
+
+bench-report: setup
+	$(BIN)/python benchmarks/report_time.py --csv benchmarks/results/report_time.csv
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .anchors import Anchor, anchor_for
 from .figures import FIGURES, FigureResult, make_figures, missing_pairs
-from .findings import flow_ratios, pct, summarize
+from .findings import flow_ratios, pct, ratio_text, summarize
 from .runs import Study, aggregate, display_name, safe_uri
 
 # params that say where things live or how progress shows, not what was trained
@@ -294,7 +294,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
         piv = piv.sort_values(["arch", "depth"])
         cols = [c for c in ("init", "end") if c in piv]
         doc.table(["net", *[f"ratio at {c}" for c in cols]],
-                  [[display_name(r["model"]), *[f"{r[c]:.3g}" for c in cols]] for _, r in piv.iterrows()],
+                  [[display_name(r["model"]), *[ratio_text(float(r[c])) for c in cols]] for _, r in piv.iterrows()],
                   "l" + "r" * len(cols))
     doc.h(2, "Figures")
     made = [f for f in figures if f.made]

@@ -104,9 +104,24 @@ def _milestones(study: Study) -> list[int]:
     return [int(m) for m in ms] if isinstance(ms, list) else []
 
 
+MILESTONE_STYLE = {"color": "0.55", "lw": 0.9, "ls": ":"}
+
+
 def _mark_milestones(ax: matplotlib.axes.Axes, milestones: list[int]) -> None:
     for m in milestones:
-        ax.axvline(m, color="0.55", lw=0.9, ls=":", zorder=0)
+        ax.axvline(m, zorder=0, **MILESTONE_STYLE)
+
+
+def _milestone_legend(study: Study) -> list[tuple[str, dict]]:
+    """The legend entry that names the dotted lr-drop lines, so a pasted figure explains itself."""
+    if not _milestones(study):
+        return []
+    decays = set(study.runs.get("param_lr_decay", pd.Series(dtype=object)).dropna().astype(str))
+    try:
+        label = f"lr ×{float(decays.pop()):g}" if len(decays) == 1 else "lr drop"
+    except ValueError:
+        label = "lr drop"
+    return [(label, {**MILESTONE_STYLE, "lw": 1.2})]
 
 
 def _depths(study: Study) -> list[int]:
@@ -240,7 +255,8 @@ def degradation(study: Study, out_dir: Path) -> FigureResult:
         handles = _legend_handles([("error", blank), ("train", {"color": "0.3", "ls": "--", "lw": 1.3}),
                                    ("test", {"color": "0.3", "ls": "-", "lw": 2.0}), ("", blank),
                                    ("depth N", blank)]
-                                  + [(f"{d}", {"color": colors[d], "lw": 2.5}) for d in sorted(colors)])
+                                  + [(f"{d}", {"color": colors[d], "lw": 2.5}) for d in sorted(colors)]
+                                  + ([("", blank)] + _milestone_legend(study) if milestones else []))
         legend = fig.legend(handles=handles, loc="outside right upper", handlelength=2.4)
         for text in legend.get_texts():
             if text.get_text() in ("error", "depth N"):
@@ -306,10 +322,11 @@ def error_vs_depth(study: Study, out_dir: Path) -> FigureResult:
             ax.set_xlim(min(depths) - pad, max(depths) + pad)
         axes[0].set_ylabel("error (%)")
         axes[0].set_ylim(0, top * 1.12 if top > 0 else 1.0)
-        fig.legend(handles=_legend_handles([(ARCH_LABEL[a], {"color": ARCH_COLOR[a], "marker": ARCH_MARKER[a],
-                                                              "markersize": 7}) for a in ARCHS
-                                            if (agg["arch"] == a).any()]),
-                   loc="outside upper center", ncols=2)
+        items = [(ARCH_LABEL[a], {"color": ARCH_COLOR[a], "marker": ARCH_MARKER[a], "markersize": 7})
+                 for a in ARCHS if (agg["arch"] == a).any()]
+        if (agg["n_seeds"] <= 1).all():
+            items.append(("one seed per net: no error bars", {"color": "none"}))
+        fig.legend(handles=_legend_handles(items), loc="outside upper center", ncols=len(items))
         res.paths = _save(fig, out_dir, res.name, title, study)
     single = agg["n_seeds"] <= 1
     bars = ("error bars: ±1 standard deviation over seeds" if not single.all()
@@ -505,9 +522,9 @@ def grad_norms_over_training(study: Study, out_dir: Path) -> FigureResult:
                     ax.set_ylabel(f"depth {depth}\n{GRAD_W}")
         axes[0, 0].set_xlim(0, xmax)
         fig.supxlabel("iteration", fontsize=STYLE["axes.labelsize"])
-        fig.legend(handles=_legend_handles([(ARCH_LABEL[a], {"color": ARCH_COLOR[a]}) for a in ARCHS
-                                            if (w["arch"] == a).any()]),
-                   loc="outside upper center", ncols=2)
+        items = [(ARCH_LABEL[a], {"color": ARCH_COLOR[a]}) for a in ARCHS if (w["arch"] == a).any()]
+        items += _milestone_legend(study)
+        fig.legend(handles=_legend_handles(items), loc="outside upper center", ncols=len(items))
         res.paths = _save(fig, out_dir, res.name, title, study)
     counts = s.groupby("run_id")["n_iterations"].max()
     binning = ("every iteration" if counts.max() <= 1
@@ -521,6 +538,11 @@ def grad_norms_over_training(study: Study, out_dir: Path) -> FigureResult:
 
 
 # --------------------------------------------------------------------------- 6. layer responses
+
+
+def _moment_of(end: pd.DataFrame) -> str:
+    its = sorted(set(end["iteration"]))
+    return f"iteration {its[0]:,}" if len(its) == 1 else "each run's last probe point"
 
 
 def layer_responses(study: Study, out_dir: Path) -> FigureResult:
@@ -545,10 +567,12 @@ def layer_responses(study: Study, out_dir: Path) -> FigureResult:
             if d.empty:
                 continue
             style = {"color": colors[(row.arch, int(row.depth))], "ls": "--" if row.arch == "plain" else "-",
-                     "lw": 1.5 if row.arch == "plain" else 1.9}
+                     "lw": 1.5 if row.arch == "plain" else 1.9,
+                     "zorder": 3 if row.arch == "plain" else 2}  # dashed on top: solid shows through its gaps
             top.plot(d["layer_index"], d["value"], **style)
             bottom.plot(np.arange(len(d)), np.sort(d["value"].to_numpy())[::-1], **style)
             handles.append(Line2D([], [], label=display_name(row.model), **style))
+        top.set_title(f"std of each 3×3 conv's output after BN, end of training ({_moment_of(end)})")
         top.set_xlabel("layer index (original order; 0 = first conv)")
         bottom.set_xlabel("layer index (sorted by magnitude)")
         for ax in (top, bottom):
@@ -558,8 +582,7 @@ def layer_responses(study: Study, out_dir: Path) -> FigureResult:
             ax.set_ylim(bottom=0)
         fig.legend(handles=handles, loc="outside right upper")
         res.paths = _save(fig, out_dir, res.name, title, study)
-    its = sorted(set(end["iteration"]))
-    at = f"iteration {its[0]:,}" if len(its) == 1 else "each run's last probe point"
+    at = _moment_of(end)
     res.caption = (f"Standard deviation of each 3×3 conv layer's output after BN, before the ReLU and the "
                    f"shortcut addition (for ResNets, the response of the residual function), on a fixed test "
                    f"subset at the end of training ({at}); top: in layer order, bottom: sorted descending; "

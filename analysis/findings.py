@@ -40,9 +40,12 @@ def _within_spread(a: pd.Series, b: pd.Series, metric: str) -> bool | None:
 
 
 def _spread(a: pd.Series, b: pd.Series, metric: str) -> str:
-    """A qualifier on how the difference compares with the seeds' spread."""
+    """A qualifier on how the difference compares with the seeds' spread ('' when neither net
+    has a second seed: ``single_seed_finding`` says that once for the whole summary)."""
     within = _within_spread(a, b, metric)
     if within is None:
+        if int(a.get("n_seeds", 1)) < 2 and int(b.get("n_seeds", 1)) < 2:
+            return ""
         return " (one seed for at least one net: no spread estimate)"
     na, nb = int(a[f"{metric}_n"]), int(b[f"{metric}_n"])
     sa, sb = float(a[f"{metric}_std"]), float(b[f"{metric}_std"])
@@ -134,8 +137,17 @@ def flow_ratios(grad_flow: pd.DataFrame) -> pd.DataFrame:
     return out[cols]
 
 
+def ratio_text(r: float) -> str:
+    """3 significant figures: 0.0829, 39.2, 7,770 (thousands written out up to a million); '–' if undefined."""
+    if r is None or not math.isfinite(r):
+        return "–"
+    if 1e3 <= abs(r) < 1e6:
+        return f"{float(f'{r:.3g}'):,.0f}"
+    return f"{r:.3g}"
+
+
 def _x(r: float) -> str:
-    return f"{r:.3g}×"
+    return f"{ratio_text(r)}×"
 
 
 def _change(r: float) -> str:
@@ -161,7 +173,7 @@ def gradient_flow_findings(ratios: pd.DataFrame) -> list[str]:
     get = lambda arch, moment: d[(d["arch"] == arch) & (d["moment"] == moment)]  # noqa: E731
     plain_name = display_name(d.loc[d["arch"] == "plain", "model"].iloc[0])
     res_name = display_name(d.loc[d["arch"] == "residual", "model"].iloc[0])
-    parts, closer = [], {plain_name: [], res_name: []}
+    parts, closer = [], []  # closer: (moment words, net whose ratio is closer to 1), in moment order
     for moment, words in (("init", "at init"), ("end", "at the end of training")):
         p, r = get("plain", moment), get("residual", moment)
         if p.empty or r.empty:
@@ -172,14 +184,16 @@ def gradient_flow_findings(ratios: pd.DataFrame) -> list[str]:
         if min(rp, rr) > 0:
             dp, dr = abs(math.log(rp)), abs(math.log(rr))
             if compare(dp, dr) != "the same":
-                closer[res_name if dr < dp else plain_name].append(words)
+                closer.append((words, res_name if dr < dp else plain_name))
     if not parts:
         return []
     s = (f"Gradient flow at depth {depth}, ||dL/dx|| from the head input back to the first block's input: "
          f"{'; '.join(parts)}.")
-    verdicts = [f"in {name} {' and '.join(w)}" for name, w in closer.items() if w]
-    if verdicts:
-        s += f" The ratio is closer to 1 (the gradient reaches the input more evenly) {' but '.join(verdicts)}."
+    lead = "The ratio is closer to 1 (the gradient reaches the input more evenly)"
+    if closer and len({name for _, name in closer}) == 1:
+        s += f" {lead} in {closer[0][1]} {' and '.join(w for w, _ in closer)}."
+    elif closer:
+        s += f" {lead} {', but '.join(f'{w} in {name}' for w, name in closer)}."
     return [s]
 
 
@@ -269,9 +283,18 @@ def anchor_findings(agg: pd.DataFrame, anchor: Anchor | None) -> list[str]:
     return [f"Against {anchor.label}: {'; '.join(parts)}."]
 
 
+def single_seed_finding(agg: pd.DataFrame) -> list[str]:
+    """One sentence, once, when no net has a second seed (the comparisons then carry no spread)."""
+    if agg.empty or "n_seeds" not in agg or (agg["n_seeds"] > 1).any():
+        return []
+    return ["Every net was trained with one seed, so no difference below can be set against the seed-to-seed "
+            "spread; rerun with more seeds before reading small differences."]
+
+
 def summarize(agg: pd.DataFrame, grad_flow: pd.DataFrame, responses: pd.DataFrame,
               anchor: Anchor | None = None, grad_norm_series: pd.DataFrame | None = None) -> list[str]:
     """Every finding the data supports, in report order."""
     weights = weight_grad_ratios(grad_norm_series) if grad_norm_series is not None else pd.DataFrame()
-    return (depth_findings(agg) + residual_vs_plain(agg) + gradient_flow_findings(flow_ratios(grad_flow))
+    return (single_seed_finding(agg) + depth_findings(agg) + residual_vs_plain(agg)
+            + gradient_flow_findings(flow_ratios(grad_flow))
             + weight_grad_findings(weights) + response_findings(responses) + anchor_findings(agg, anchor))

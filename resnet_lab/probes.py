@@ -212,7 +212,7 @@ def layer_responses(model: ResNet, batches: Iterable[Batch]) -> list[tuple[str, 
     return list(zip([name for name, _ in layers], var.clamp_min(0).sqrt().tolist()))  # one host read
 
 
-def _tidy(iterations: list[int], values: np.ndarray, layers: list[str],
+def tidy_table(iterations: list[int], values: np.ndarray, layers: list[str],
           layer_index: list[int] | None = None, group: list[str] | None = None) -> pd.DataFrame:
     """Wide [rows, layers] -> one row per (iteration, layer); strings categorical to stay small."""
     codes = np.tile(np.arange(len(layers)), len(iterations))
@@ -244,7 +244,7 @@ class _EvalSeries:
 
     def table(self) -> pd.DataFrame:
         wide = np.asarray(self.values, dtype=np.float64).reshape(len(self.iterations), len(self.layers))
-        return _tidy(self.iterations, wide, self.layers)
+        return tidy_table(self.iterations, wide, self.layers)
 
 
 class Probes:
@@ -326,11 +326,11 @@ class Probes:
         if g is not None:
             rows, nw = g.rows(), len(g.weight_names)
             values = np.concatenate([rows[:, :nw], rows[:, nw + 1:-1]], axis=1)
-            frames = {"grad_norms": _tidy(g.iterations, values, g.weight_names + g.bn_names,
+            frames = {"grad_norms": tidy_table(g.iterations, values, g.weight_names + g.bn_names,
                                           layer_index=[*range(nw), *range(len(g.bn_names))],
                                           group=["weight"] * nw + ["bn"] * len(g.bn_names))}
         else:
-            frames = {"grad_norms": _tidy([], np.zeros((0, 0)), [], group=[])}
+            frames = {"grad_norms": tidy_table([], np.zeros((0, 0)), [], group=[])}
         return frames | {"grad_flow": self._flow.table(), "responses": self._resp.table()}
 
     def write_tables(self, directory: Path) -> list[Path]:

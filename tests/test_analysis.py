@@ -231,6 +231,18 @@ def test_findings_flip_with_the_data() -> None:
     assert findings.depth_findings(_agg([("plain-20", 0, 2.0, 8.0)])) == []
 
 
+def test_one_seed_is_said_once_not_in_every_sentence() -> None:
+    single = _agg([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0), ("resnet-56", 0, 1.0, 7.0)])
+    empty = pd.DataFrame()
+    lines = findings.summarize(single, empty, empty)
+    assert lines[0].startswith("Every net was trained with one seed")
+    assert not any("spread" in line for line in lines[1:])
+    mixed = _agg([("plain-56", 0, 4.0, 10.0), ("plain-56", 1, 4.4, 10.4), ("resnet-56", 0, 1.0, 7.0)])
+    lines = findings.summarize(mixed, empty, empty)
+    assert not lines[0].startswith("Every net")
+    assert "(one seed for at least one net: no spread estimate)" in lines[0]
+
+
 def test_gradient_flow_finding_flips() -> None:
     def flow(first_plain: float, first_res: float) -> pd.DataFrame:
         rows = []
@@ -249,6 +261,16 @@ def test_gradient_flow_finding_flips() -> None:
     (s,) = findings.gradient_flow_findings(findings.flow_ratios(flow(1.5, 0.1)))
     assert "grows 1.5× in plain-56 and shrinks to 0.1× in ResNet-56" in s
     assert s.endswith("in plain-56 at init and at the end of training.")
+
+    def flow_moving(init: tuple[float, float], end: tuple[float, float]) -> pd.DataFrame:
+        df = flow(1.0, 1.0)
+        for (it, rid), v in {(0, "p"): init[0], (0, "r"): init[1], (100, "p"): end[0], (100, "r"): end[1]}.items():
+            df.loc[(df["iteration"] == it) & (df["run_id"] == rid) & (df["layer_index"] == 0), "value"] = v
+        return df
+
+    (s,) = findings.gradient_flow_findings(findings.flow_ratios(flow_moving((7770.4, 39.2), (0.85, 1.23))))
+    assert "grows 7,770× in plain-56 and grows 39.2× in ResNet-56" in s
+    assert s.endswith("more evenly) at init in ResNet-56, but at the end of training in plain-56.")
 
 
 def test_weight_gradient_finding_follows_the_ratio() -> None:

@@ -1,0 +1,55 @@
+"""The benchmark scripts still run and write the rows docs/benchmarks.md is built from.
+
+Smoke runs only, on tiny settings: the timings themselves are never asserted here (they
+belong in the scripts' output and docs/benchmarks.md, measured on a named machine).
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str, tmp_path: Path) -> tuple[str, list[dict[str, str]]]:
+    out = tmp_path / "rows.csv"
+    p = subprocess.run([sys.executable, str(BENCH / script), *args, "--csv", str(out)], cwd=BENCH,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    with out.open() as f:
+        return p.stdout, list(csv.DictReader(f))
+
+
+def test_probe_overhead_runs(tmp_path: Path) -> None:
+    stdout, rows = run("probe_overhead.py", "--device", "cpu", "--models", "resnet-8", "--rounds", "1",
+                       "--window", "1", "--warmup", "1", "--flow-reps", "1", tmp_path=tmp_path)
+    assert "command: python" in stdout and "load average" in stdout
+    assert {r["model"] for r in rows} == {"resnet-8"} and len(rows) >= 3
+
+
+def test_throughput_runs(tmp_path: Path) -> None:
+    stdout, rows = run("throughput.py", "--device", "cpu", "--quick", "--models", "resnet-8", "--ref-workers", "0",
+                       tmp_path=tmp_path)
+    assert "projection" in stdout
+    assert len(rows) >= 2
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_report_time_runs_the_real_report_on_a_full_layout_store(tmp_path: Path) -> None:
+    stdout, rows = run("report_time.py", "--iterations", "2000", "--repeats", "1", "--store", str(tmp_path / "s"),
+                       tmp_path=tmp_path)
+    what = [r["what"] for r in rows]
+    assert what[0] == "end_to_end" and float(rows[0]["seconds"]) > 0
+    assert {f"figure {n}" for n in ("degradation", "error_vs_depth", "grad_flow", "grad_norms_by_layer",
+                                     "grad_norms_over_training", "layer_responses")} <= set(what)
+    assert "9 runs" in stdout and "target" in stdout
+    assert (tmp_path / "s" / "complete").read_text().strip() == "2000"  # kept, to be reused
+    # a folder holding something else is refused, not overwritten
+    p = subprocess.run([sys.executable, str(BENCH / "report_time.py"), "--iterations", "4000", "--store",
+                        str(tmp_path / "s")], cwd=BENCH, capture_output=True, text=True)
+    assert p.returncode == 2 and "pass an empty or new folder" in p.stderr
