@@ -112,9 +112,9 @@ def _mark_milestones(ax: matplotlib.axes.Axes, milestones: list[int]) -> None:
         ax.axvline(m, zorder=0, **MILESTONE_STYLE)
 
 
-def _milestone_legend(study: Study) -> list[tuple[str, dict]]:
+def _milestone_legend(study: Study, milestones: list[int]) -> list[tuple[str, dict]]:
     """The legend entry that names the dotted lr-drop lines, so a pasted figure explains itself."""
-    if not _milestones(study):
+    if not milestones:
         return []
     decays = set(study.runs.get("param_lr_decay", pd.Series(dtype=object)).dropna().astype(str))
     try:
@@ -157,6 +157,12 @@ def _save(fig: Figure, out_dir: Path, name: str, title: str, study: Study) -> di
     fig.set_layout_engine("none")  # the PNG's layout, kept: solving it again for the PDF doubles the time
     fig.savefig(paths["pdf"], metadata={"Title": title, "Subject": desc, "Creator": "resnet_lab analysis"})
     return paths
+
+
+def _not_drawn(res: FigureResult, why: str) -> FigureResult:
+    """The figure is skipped, with a note the report lists ('<figure>: <why>; figure not drawn')."""
+    res.notes.append(f"{res.name}: {why}; figure not drawn")
+    return res
 
 
 def _note_panel(ax: matplotlib.axes.Axes, text: str) -> None:
@@ -216,8 +222,7 @@ def degradation(study: Study, out_dir: Path) -> FigureResult:
     res = FigureResult("degradation", title)
     c = study.curves[study.curves["metric"].isin(["train/error", "test/error"])]
     if c.empty:
-        res.notes.append("degradation: no train/test error curves logged; figure not drawn")
-        return res
+        return _not_drawn(res, "no train/test error curves logged")
     mean = seed_mean(c, ["model", "arch", "depth", "metric", "iteration"])
     colors = depth_colors(study.runs["depth"])
     milestones = _milestones(study)
@@ -256,7 +261,7 @@ def degradation(study: Study, out_dir: Path) -> FigureResult:
                                    ("test", {"color": "0.3", "ls": "-", "lw": 2.0}), ("", blank),
                                    ("depth N", blank)]
                                   + [(f"{d}", {"color": colors[d], "lw": 2.5}) for d in sorted(colors)]
-                                  + ([("", blank)] + _milestone_legend(study) if milestones else []))
+                                  + ([("", blank)] + _milestone_legend(study, milestones) if milestones else []))
         legend = fig.legend(handles=handles, loc="outside right upper", handlelength=2.4)
         for text in legend.get_texts():
             if text.get_text() in ("error", "depth N"):
@@ -296,8 +301,7 @@ def error_vs_depth(study: Study, out_dir: Path) -> FigureResult:
     panels = [(m, lbl) for m, lbl in (("train_error", "training error"), ("test_error", "test error"))
               if f"{m}_mean" in agg and agg[f"{m}_mean"].notna().any()]
     if not panels:
-        res.notes.append("error_vs_depth: no final errors; figure not drawn")
-        return res
+        return _not_drawn(res, "no final errors")
     depths = sorted(int(d) for d in agg["depth"].unique())
     with matplotlib.rc_context(STYLE):
         fig = Figure(figsize=(4.4 * len(panels) + 0.6, 4.2), layout="constrained")
@@ -358,8 +362,7 @@ def grad_flow(study: Study, out_dir: Path) -> FigureResult:
     res = FigureResult("grad_flow", title)
     flow = study.grad_flow
     if flow.empty:
-        res.notes.append("grad_flow: no gradient-flow probes in this study; figure not drawn")
-        return res
+        return _not_drawn(res, "no gradient-flow probes in this study")
     m = _moments(flow)
     mean = seed_mean(m, ["model", "arch", "depth", "moment", "layer_index", "layer"])
     depths = sorted(int(d) for d in mean["depth"].unique())
@@ -428,8 +431,7 @@ def grad_norms_by_layer(study: Study, out_dir: Path) -> FigureResult:
     res = FigureResult("grad_norms_by_layer", title)
     g = study.grad_norms
     if g.empty:
-        res.notes.append("grad_norms_by_layer: no gradient-norm probes in this study; figure not drawn")
-        return res
+        return _not_drawn(res, "no gradient-norm probes in this study")
     w = _main_path(g)
     points = sorted(set(w["iteration"]))
     chosen = [points[0]] + ([points[1]] if len(points) > 2 else []) + ([points[-1]] if len(points) > 1 else [])
@@ -488,8 +490,7 @@ def grad_norms_over_training(study: Study, out_dir: Path) -> FigureResult:
     res = FigureResult("grad_norms_over_training", title)
     s = study.grad_norm_series
     if s.empty:
-        res.notes.append("grad_norms_over_training: no gradient-norm probes in this study; figure not drawn")
-        return res
+        return _not_drawn(res, "no gradient-norm probes in this study")
     w = _main_path(s)
     depths = _depths(study)
     milestones = _milestones(study)
@@ -523,7 +524,7 @@ def grad_norms_over_training(study: Study, out_dir: Path) -> FigureResult:
         axes[0, 0].set_xlim(0, xmax)
         fig.supxlabel("iteration", fontsize=STYLE["axes.labelsize"])
         items = [(ARCH_LABEL[a], {"color": ARCH_COLOR[a]}) for a in ARCHS if (w["arch"] == a).any()]
-        items += _milestone_legend(study)
+        items += _milestone_legend(study, milestones)
         fig.legend(handles=_legend_handles(items), loc="outside upper center", ncols=len(items))
         res.paths = _save(fig, out_dir, res.name, title, study)
     counts = s.groupby("run_id")["n_iterations"].max()
@@ -551,8 +552,7 @@ def layer_responses(study: Study, out_dir: Path) -> FigureResult:
     res = FigureResult("layer_responses", title)
     r = study.responses
     if r.empty:
-        res.notes.append("layer_responses: no layer-response probes in this study; figure not drawn")
-        return res
+        return _not_drawn(res, "no layer-response probes in this study")
     last = r.groupby("run_id")["iteration"].transform("max")
     end = r[r["iteration"] == last]
     mean = seed_mean(end, ["model", "arch", "depth", "layer_index"])

@@ -39,14 +39,17 @@ def _within_spread(a: pd.Series, b: pd.Series, metric: str) -> bool | None:
     return diff < float(a[f"{metric}_std"]) + float(b[f"{metric}_std"])
 
 
-def _spread(a: pd.Series, b: pd.Series, metric: str) -> str:
-    """A qualifier on how the difference compares with the seeds' spread ('' when neither net
-    has a second seed: ``single_seed_finding`` says that once for the whole summary)."""
+def one_seed_everywhere(agg: pd.DataFrame) -> bool:
+    """No net has a second seed: the summary says so once (``single_seed_finding``), not per sentence."""
+    return not agg.empty and "n_seeds" in agg and bool((agg["n_seeds"] <= 1).all())
+
+
+def _spread(a: pd.Series, b: pd.Series, metric: str, *, said_once: bool) -> str:
+    """A qualifier on how the difference compares with the seeds' spread ('' for one seed when
+    ``said_once``: the summary's first sentence already says every net has one seed)."""
     within = _within_spread(a, b, metric)
     if within is None:
-        if int(a.get("n_seeds", 1)) < 2 and int(b.get("n_seeds", 1)) < 2:
-            return ""
-        return " (one seed for at least one net: no spread estimate)"
+        return "" if said_once else " (one seed for at least one net: no spread estimate)"
     na, nb = int(a[f"{metric}_n"]), int(b[f"{metric}_n"])
     sa, sb = float(a[f"{metric}_std"]), float(b[f"{metric}_std"])
     where = "within" if within else "beyond"
@@ -73,7 +76,7 @@ def _test_clause(a: pd.Series, b: pd.Series) -> str:
 
 def depth_findings(agg: pd.DataFrame) -> list[str]:
     """Deepest against shallowest net of each architecture, on final training error."""
-    out = []
+    out, said_once = [], one_seed_everywhere(agg)
     for arch in ("plain", "residual"):
         g = agg[(agg["arch"] == arch)].dropna(subset=["train_error_mean"]).sort_values("depth")
         if g["depth"].nunique() < 2:
@@ -81,7 +84,7 @@ def depth_findings(agg: pd.DataFrame) -> list[str]:
         shallow, deep = g.iloc[0], g.iloc[-1]
         word = compare(float(deep["train_error_mean"]), float(shallow["train_error_mean"]))
         s = (f"{display_name(deep['model'])} ends with {_pair(deep, shallow, 'train_error')}"
-             f"{_spread(deep, shallow, 'train_error')}{_test_clause(deep, shallow)}")
+             f"{_spread(deep, shallow, 'train_error', said_once=said_once)}{_test_clause(deep, shallow)}")
         # a difference inside the seed-to-seed spread supports no reading either way
         out.append(s + ("" if _within_spread(deep, shallow, "train_error") else _depth_reading(arch, word)) + ".")
     return out
@@ -98,7 +101,7 @@ def _depth_reading(arch: str, word: str) -> str:
 
 def residual_vs_plain(agg: pd.DataFrame) -> list[str]:
     """At each depth with both nets: the ResNet's final training (and test) error against the plain net's."""
-    out = []
+    out, said_once = [], one_seed_everywhere(agg)
     for depth in sorted(agg["depth"].unique()):
         d = agg[agg["depth"] == depth]
         plain, res = d[d["arch"] == "plain"], d[d["arch"] == "residual"]
@@ -106,7 +109,7 @@ def residual_vs_plain(agg: pd.DataFrame) -> list[str]:
             continue
         p, r = plain.iloc[0], res.iloc[0]
         s = (f"At depth {depth}, {display_name(r['model'])} ends with {_pair(r, p, 'train_error')}"
-             f"{_spread(r, p, 'train_error')}{_test_clause(r, p)}.")
+             f"{_spread(r, p, 'train_error', said_once=said_once)}{_test_clause(r, p)}.")
         out.append(s)
     return out
 
@@ -285,7 +288,7 @@ def anchor_findings(agg: pd.DataFrame, anchor: Anchor | None) -> list[str]:
 
 def single_seed_finding(agg: pd.DataFrame) -> list[str]:
     """One sentence, once, when no net has a second seed (the comparisons then carry no spread)."""
-    if agg.empty or "n_seeds" not in agg or (agg["n_seeds"] > 1).any():
+    if not one_seed_everywhere(agg):
         return []
     return ["Every net was trained with one seed, so no difference below can be set against the seed-to-seed "
             "spread; rerun with more seeds before reading small differences."]

@@ -39,7 +39,6 @@ TARGET_S = 30.0
 
 def build_store(root: Path, iterations: int) -> str:
     """A finished full-scale study in ``root/mlflow.db`` (+ ``root/mlartifacts``); returns its URI."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -50,7 +49,6 @@ def build_store(root: Path, iterations: int) -> str:
 
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = get_or_create_experiment(client, STUDY, uri)
     parent = client.create_run(exp, run_name=STUDY, tags={"kind": "study", "study": STUDY, "scale": "full"}).info.run_id

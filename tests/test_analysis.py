@@ -241,6 +241,10 @@ def test_one_seed_is_said_once_not_in_every_sentence() -> None:
     lines = findings.summarize(mixed, empty, empty)
     assert not lines[0].startswith("Every net")
     assert "(one seed for at least one net: no spread estimate)" in lines[0]
+    # one seed on both sides of a comparison, but not everywhere: the sentence itself says so
+    lines = findings.summarize(_agg([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0), ("resnet-56", 0, 1.0, 7.0),
+                                     ("resnet-56", 1, 1.2, 7.1)]), empty, empty)
+    assert lines[0].startswith("plain-56 ends with") and "no spread estimate" in lines[0]
 
 
 def test_gradient_flow_finding_flips() -> None:
@@ -311,7 +315,7 @@ def _empty_study(uri: str) -> str:
 
 
 def test_no_runs_and_missing_experiment_are_user_errors(store: dict) -> None:
-    exp_id = _empty_study(store["uri"])
+    _empty_study(store["uri"])
     with pytest.raises(UserError, match=r"no training runs in experiment 'analysis_empty' in tracking store sqlite:///") as e:
         load_study("analysis_empty", store["uri"])
     assert "\n" not in str(e.value)
