@@ -11,7 +11,6 @@ when the CLI builds its parser, so the other ``resnet-lab`` commands do not pay 
 from __future__ import annotations
 
 import argparse
-import os
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any

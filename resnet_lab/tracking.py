@@ -10,7 +10,6 @@ loses nothing.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
