@@ -2,7 +2,8 @@
 
 ``build_report(study, out_dir)`` draws the figures (``analysis.figures``), computes the summary
 sentences (``analysis.findings``) and writes ``report.md`` and a self-contained ``report.html``
-(figures embedded as base64 PNG) beside ``figures/*.png|pdf``. Every number in the tables names
+(figures embedded as base64 PNG) beside ``figures/*.png|pdf`` and the tables to paste
+(``results.csv``, ``summary.csv``, ``table.tex``: ``analysis.tables``). Every number in the tables names
 the runs it comes from. Loading and the command line are in ``analysis.report``.
 """
 
@@ -24,6 +25,7 @@ from .anchors import Anchor, anchor_for
 from .figures import FIGURES, FigureResult, make_figures, missing_pairs
 from .findings import flow_ratios, pct, ratio_text, summarize
 from .runs import Study, aggregate, display_name, safe_uri
+from .tables import write_tables
 
 # params that say where things live or how progress shows, not what was trained
 _NOT_CONFIG = {"model", "seed", "run_name", "tracking_uri", "experiment", "data_dir", "data_root", "progress",
@@ -263,7 +265,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     t_fig = time.perf_counter() - t0
     agg = aggregate(study.runs)
     anchor = anchor_for(study.name)
-    summary = summarize(agg, study.grad_flow, study.responses, anchor, study.grad_norm_series)
+    summary = summarize(study.runs, study.grad_flow, study.responses, anchor, study.grad_norm_series)
     notes = _dedupe(study.notes + missing_pairs(study) + [n for f in figures for n in f.notes])
 
     doc = Doc()
@@ -285,6 +287,8 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     if anchor is not None:
         defs += f" {anchor.label}: {anchor.source}." + (f" {anchor.footnote}" if anchor.footnote else "")
     doc.p(defs)
+    doc.p("Tables to paste, next to this report: `results.csv` (one row per training run), `summary.csv` "
+          "(one row per net: mean, sample sd and n of each number) and `table.tex` (this table, LaTeX booktabs).")
     ratios = flow_ratios(study.grad_flow)
     if len(ratios):
         doc.p("Gradient flow, ‖dL/dx‖ at the first block's input divided by that at the head input, on a fixed "
@@ -313,6 +317,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
           f"figures drawn in {t_fig:.1f} s.")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_tables(study, out_dir, anchor)
     md, page = out_dir / "report.md", out_dir / "report.html"
     md.write_text(doc.markdown())
     page.write_text(doc.html(f"Study report: {study.name}"))

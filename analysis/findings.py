@@ -1,9 +1,10 @@
 """Summary sentences computed from the numbers, never written in advance.
 
-Each function takes plain DataFrames (the ``aggregate`` table, the probe tables) and returns
+Each function takes plain DataFrames (the tidy ``runs`` frame, the probe tables) and returns
 a list of sentences; a finding the data cannot support (e.g. only one plain depth) yields no
-sentence. Comparatives ("higher", "lower") come from the numbers, so a sentence flips when the
-data does, and where seeds allow, a difference smaller than the seed-to-seed spread says so.
+sentence. Two nets are compared paired by seed (:mod:`analysis.stats`): the mean difference with
+its 95 % t interval; a direction ("trains worse") is stated only when the interval excludes 0,
+otherwise the sentence says "no clear difference"; one seed gives the difference and says so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pandas as pd
 
 from .anchors import Anchor
 from .runs import display_name
+from .stats import Interval, Paired, comparisons, paired, per_net, within_two_sd
 
 METRIC_WORDS = {"train_error": "training error", "test_error": "test error", "val_error": "validation error"}
 
@@ -30,63 +32,72 @@ def compare(a: float, b: float) -> str:
     return "higher" if a > b else "lower"
 
 
-def _within_spread(a: pd.Series, b: pd.Series, metric: str) -> bool | None:
-    """Is the difference of the means smaller than the sum of the two seed stds? None: one seed."""
-    na, nb = int(a.get(f"{metric}_n", a.get("n_seeds", 1))), int(b.get(f"{metric}_n", b.get("n_seeds", 1)))
-    if na < 2 or nb < 2:
-        return None
-    diff = abs(float(a[f"{metric}_mean"]) - float(b[f"{metric}_mean"]))
-    return diff < float(a[f"{metric}_std"]) + float(b[f"{metric}_std"])
+def one_seed_everywhere(runs: pd.DataFrame) -> bool:
+    """No net has a second seed: the summary says so once (``single_seed_finding``)."""
+    return not runs.empty and bool((runs.groupby("model")["run_id"].nunique() <= 1).all())
 
 
-def one_seed_everywhere(agg: pd.DataFrame) -> bool:
-    """No net has a second seed: the summary says so once (``single_seed_finding``), not per sentence."""
-    return not agg.empty and "n_seeds" in agg and bool((agg["n_seeds"] <= 1).all())
+def interval_text(d: Interval) -> str:
+    """'95 % CI 3.20 to 5.00, 3 seeds' or 'one seed, no interval'."""
+    if not d.has_interval:
+        return "one seed, no interval" if d.n <= 1 else f"{d.n} seeds, no interval"
+    return f"{d.level * 100:g} % CI {d.low:.2f} to {d.high:.2f}, {d.n} seeds"
 
 
-def _spread(a: pd.Series, b: pd.Series, metric: str, *, said_once: bool) -> str:
-    """A qualifier on how the difference compares with the seeds' spread ('' for one seed when
-    ``said_once``: the summary's first sentence already says every net has one seed)."""
-    within = _within_spread(a, b, metric)
-    if within is None:
-        return "" if said_once else " (one seed for at least one net: no spread estimate)"
-    na, nb = int(a[f"{metric}_n"]), int(b[f"{metric}_n"])
-    sa, sb = float(a[f"{metric}_std"]), float(b[f"{metric}_std"])
-    where = "within" if within else "beyond"
-    return f" ({where} the seed-to-seed spread: std {sa:.2f} and {sb:.2f} points over {na} and {nb} seeds)"
+# how a net that is worse / better than another reads, per number
+_WORSE = {"train_error": ("trains worse than", "trains better than"),
+          "test_error": ("has higher test error than", "has lower test error than"),
+          "val_error": ("has higher validation error than", "has lower validation error than")}
 
 
-def _has(row: pd.Series, metric: str) -> bool:
-    v = row.get(f"{metric}_mean")
-    return v is not None and not pd.isna(v)
+def difference_sentence(p: Paired) -> str:
+    """'plain-56 trains worse than plain-20 by 4.10 points (95 % CI 3.20 to 5.00, 3 seeds; training
+    error 6.40 % vs 2.30 %)'. An interval containing 0 states no direction: 'no clear difference'."""
+    a, b, d, what = display_name(p.a), display_name(p.b), p.diff, METRIC_WORDS[p.column]
+    means = f"{what} {pct(p.a_mean)} vs {pct(p.b_mean)}"
+    if (d.has_interval and not d.clear) or compare(d.mean, 0.0) == "the same":
+        return f"{a} and {b} show no clear difference in {what}: {d.mean:+.2f} points ({interval_text(d)}; " \
+               f"{pct(p.a_mean)} vs {pct(p.b_mean)})"
+    verb = _WORSE[p.column][0 if d.mean > 0 else 1]
+    return f"{a} {verb} {b} by {abs(d.mean):.2f} points ({interval_text(d)}; {means})"
 
 
-def _pair(a: pd.Series, b: pd.Series, metric: str) -> str:
-    """'higher training error than plain-20: 4.10 % vs 2.30 %'."""
-    va, vb = float(a[f"{metric}_mean"]), float(b[f"{metric}_mean"])
-    return f"{compare(va, vb)} {METRIC_WORDS[metric]} than {display_name(b['model'])}: {pct(va)} vs {pct(vb)}"
-
-
-def _test_clause(a: pd.Series, b: pd.Series) -> str:
-    if not (_has(a, "test_error") and _has(b, "test_error")):
+def _test_clause(p: Paired | None) -> str:
+    """'; on the test set it is worse by 1.00 points (...)' or '; no clear difference on the test set: ...'."""
+    if p is None:
         return ""
-    va, vb = float(a["test_error_mean"]), float(b["test_error_mean"])
-    return f", and {compare(va, vb)} test error: {pct(va)} vs {pct(vb)}"
+    d = p.diff
+    means = f"test error {pct(p.a_mean)} vs {pct(p.b_mean)}"
+    if (d.has_interval and not d.clear) or compare(d.mean, 0.0) == "the same":
+        return f"; no clear difference on the test set: {d.mean:+.2f} points ({interval_text(d)}; {means})"
+    return f"; on the test set it is {'worse' if d.mean > 0 else 'better'} by {abs(d.mean):.2f} points " \
+           f"({interval_text(d)}; {means})"
 
 
-def depth_findings(agg: pd.DataFrame) -> list[str]:
-    """Deepest against shallowest net of each architecture, on final training error."""
-    out, said_once = [], one_seed_everywhere(agg)
+def _direction(p: Paired) -> str | None:
+    """'worse' / 'better' where a direction may be stated (a clear interval, or one seed, which
+    the sentence says); None for no clear difference."""
+    d = p.diff
+    if (d.has_interval and not d.clear) or compare(d.mean, 0.0) == "the same":
+        return None
+    return "worse" if d.mean > 0 else "better"
+
+
+def depth_findings(runs: pd.DataFrame) -> list[str]:
+    """Deepest minus shallowest net of each architecture, paired by seed, on final training error."""
+    out = []
     for arch in ("plain", "residual"):
-        g = agg[(agg["arch"] == arch)].dropna(subset=["train_error_mean"]).sort_values("depth")
-        if g["depth"].nunique() < 2:
+        nets = runs[(runs["arch"] == arch) & runs["train_error"].notna()].drop_duplicates("model").sort_values("depth")
+        if nets["depth"].nunique() < 2:
             continue
-        shallow, deep = g.iloc[0], g.iloc[-1]
-        word = compare(float(deep["train_error_mean"]), float(shallow["train_error_mean"]))
-        s = (f"{display_name(deep['model'])} ends with {_pair(deep, shallow, 'train_error')}"
-             f"{_spread(deep, shallow, 'train_error', said_once=said_once)}{_test_clause(deep, shallow)}")
-        # a difference inside the seed-to-seed spread supports no reading either way
-        out.append(s + ("" if _within_spread(deep, shallow, "train_error") else _depth_reading(arch, word)) + ".")
+        deep, shallow = nets["model"].iloc[-1], nets["model"].iloc[0]
+        p = paired(runs, deep, shallow, "train_error")
+        if p is None:
+            out.append(f"{display_name(deep)} and {display_name(shallow)} share no seed: not compared.")
+            continue
+        test = paired(runs, deep, shallow, "test_error") if "test_error" in runs else None
+        word = _direction(p)
+        out.append(difference_sentence(p) + _test_clause(test) + (_depth_reading(arch, word) if word else "") + ".")
     return out
 
 
@@ -94,23 +105,23 @@ def _depth_reading(arch: str, word: str) -> str:
     """What deeper-vs-shallower training error means against He et al."""
     if arch == "plain":
         return (" — consistent with the degradation problem of He et al. Sec. 4.2 (the deeper plain net trains worse)"
-                if word == "higher" else " — no degradation at these depths and this training length")
-    return (" — the deeper ResNet trains better, as in He et al. Fig. 6 (right)" if word == "lower"
+                if word == "worse" else " — no degradation at these depths and this training length")
+    return (" — the deeper ResNet trains better, as in He et al. Fig. 6 (right)" if word == "better"
             else " — unlike He et al. Fig. 6 (right), the deeper ResNet does not train better here")
 
 
-def residual_vs_plain(agg: pd.DataFrame) -> list[str]:
-    """At each depth with both nets: the ResNet's final training (and test) error against the plain net's."""
-    out, said_once = [], one_seed_everywhere(agg)
-    for depth in sorted(agg["depth"].unique()):
-        d = agg[agg["depth"] == depth]
-        plain, res = d[d["arch"] == "plain"], d[d["arch"] == "residual"]
-        if plain.empty or res.empty or not (_has(plain.iloc[0], "train_error") and _has(res.iloc[0], "train_error")):
+def residual_vs_plain(runs: pd.DataFrame) -> list[str]:
+    """At each depth with both nets: plain-d minus resnet-d, paired by seed, on final training (and test) error."""
+    out = []
+    for kind, plain, res in comparisons(runs):
+        if kind != "plain-resnet":
             continue
-        p, r = plain.iloc[0], res.iloc[0]
-        s = (f"At depth {depth}, {display_name(r['model'])} ends with {_pair(r, p, 'train_error')}"
-             f"{_spread(r, p, 'train_error', said_once=said_once)}{_test_clause(r, p)}.")
-        out.append(s)
+        p = paired(runs, plain, res, "train_error")
+        if p is None:
+            continue
+        test = paired(runs, plain, res, "test_error") if "test_error" in runs else None
+        depth = int(runs.loc[runs["model"] == plain, "depth"].iloc[0])
+        out.append(f"At depth {depth}, {difference_sentence(p)}{_test_clause(test)}.")
     return out
 
 
@@ -269,35 +280,42 @@ def response_findings(responses: pd.DataFrame) -> list[str]:
     return [s]
 
 
-def anchor_findings(agg: pd.DataFrame, anchor: Anchor | None) -> list[str]:
-    """Measured minus published error for every net the anchor covers."""
+def anchor_findings(runs: pd.DataFrame, anchor: Anchor | None) -> list[str]:
+    """Measured against published error for every net the anchor covers, and whether the published
+    number lies inside the net's mean ± 2 sd over seeds."""
     if anchor is None:
         return []
+    nets = per_net(runs, [c for c in ("train_error", "test_error") if c in runs]).set_index("model")
     parts = []
     for metric, table in (("test_error", anchor.test_error), ("train_error", anchor.train_error)):
         for model, ref in table.items():
-            row = agg[agg["model"] == model]
-            if row.empty or not _has(row.iloc[0], metric):
+            if model not in nets.index or not nets.loc[model, f"{metric}_n"]:
                 continue
-            v = float(row.iloc[0][f"{metric}_mean"])
-            parts.append(f"{display_name(model)} {METRIC_WORDS[metric]} {pct(v)} vs {ref:g} % ({v - ref:+.2f} points)")
+            mean, sd, n = (float(nets.loc[model, f"{metric}_{k}"]) for k in ("mean", "sd", "n"))
+            inside = within_two_sd(ref, mean, sd, int(n))
+            if inside is None:
+                where = f"{pct(mean)} (one seed: no sd) vs {ref:g} % ({mean - ref:+.2f} points)"
+            else:
+                where = (f"{mean:.2f} ± {sd:.2f} % over {int(n)} seeds vs {ref:g} %: "
+                         f"{'inside' if inside else 'outside'} mean ± 2 sd ({mean - 2 * sd:.2f} to {mean + 2 * sd:.2f})")
+            parts.append(f"{display_name(model)} {METRIC_WORDS[metric]} {where}")
     if not parts:
         return []
     return [f"Against {anchor.label}: {'; '.join(parts)}."]
 
 
-def single_seed_finding(agg: pd.DataFrame) -> list[str]:
-    """One sentence, once, when no net has a second seed (the comparisons then carry no spread)."""
-    if not one_seed_everywhere(agg):
+def single_seed_finding(runs: pd.DataFrame) -> list[str]:
+    """One sentence, once, when no net has a second seed (the comparisons then carry no interval)."""
+    if not one_seed_everywhere(runs):
         return []
-    return ["Every net was trained with one seed, so no difference below can be set against the seed-to-seed "
-            "spread; rerun with more seeds before reading small differences."]
+    return ["Every net was trained with one seed, so no difference below has a confidence interval; "
+            "rerun with more seeds before reading small differences."]
 
 
-def summarize(agg: pd.DataFrame, grad_flow: pd.DataFrame, responses: pd.DataFrame,
+def summarize(runs: pd.DataFrame, grad_flow: pd.DataFrame, responses: pd.DataFrame,
               anchor: Anchor | None = None, grad_norm_series: pd.DataFrame | None = None) -> list[str]:
-    """Every finding the data supports, in report order."""
+    """Every finding the data supports, in report order, from the tidy ``runs`` frame (one row per run)."""
     weights = weight_grad_ratios(grad_norm_series) if grad_norm_series is not None else pd.DataFrame()
-    return (single_seed_finding(agg) + depth_findings(agg) + residual_vs_plain(agg)
+    return (single_seed_finding(runs) + depth_findings(runs) + residual_vs_plain(runs)
             + gradient_flow_findings(flow_ratios(grad_flow))
-            + weight_grad_findings(weights) + response_findings(responses) + anchor_findings(agg, anchor))
+            + weight_grad_findings(weights) + response_findings(responses) + anchor_findings(runs, anchor))

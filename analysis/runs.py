@@ -5,7 +5,8 @@ A *study* is one MLflow experiment (named after the study) holding one parent ru
 ``load_study`` returns a :class:`Study` with:
 
 * ``runs``: one row per finished child run: ids, model/arch/depth/seed, status, scale, key
-  params and the final value of each scalar metric (``train_error``, ``test_error``, ...).
+  params and the final value of each scalar metric (``train_error``, ``test_error``, ...), and of
+  every ``diag/*`` metric (the diagnostics' per-run numbers) as a ``diag_*`` column.
 * ``curves``: run_id, model, arch, depth, seed, iteration, metric, value for the scalar
   curves (``train/error``, ``test/error``, ``val/error``, ``train/loss``, ``test/loss``, ``val/loss``, ``lr``).
 * the probe tables from each run's ``probes/*.parquet`` artifacts (never from the hundreds of
@@ -55,6 +56,7 @@ DEFAULT_MAX_POINTS = 500
 IO_THREADS = 8
 BULK_ENDPOINT = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"  # the tracking server's bulk history read
 BULK_MAX_RUNS, BULK_MAX_POINTS = 100, 25000  # the server's limits on one bulk answer
+DIAG_PREFIX = "diag/"  # per-run diagnostic numbers: a ``diag_*`` column each in ``runs``
 
 
 def metric_column(key: str) -> str:
@@ -253,6 +255,7 @@ def _runs_frame(children: list[Any]) -> tuple[pd.DataFrame, dict[str, dict[str, 
         }
         row |= {f"param_{k}": p.get(k) for k in KEY_PARAMS}
         row |= {metric_column(k): m.get(k, math.nan) for k in FINAL_KEYS}
+        row |= {metric_column(k): v for k, v in m.items() if k.startswith(DIAG_PREFIX)}  # diagnostics' numbers
         rows.append(row)
         params[r.info.run_id] = dict(p)
     df = pd.DataFrame(rows)
@@ -621,9 +624,11 @@ def reduce_grad_norms(path: Path | str, *, points: Iterable[int], window: int,
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per model: n_seeds, seeds, run ids/names and mean/std of each final metric.
 
-    ``std`` is the sample standard deviation over seeds (ddof=1), NaN for one seed.
-    Sorted plain first, then residual, each by depth.
+    ``std`` is the sample standard deviation over seeds (ddof=1), NaN for one seed
+    (:func:`analysis.stats.mean_sd_n`). Sorted plain first, then residual, each by depth.
     """
+    from .stats import mean_sd_n
+
     metrics = [c for c in METRIC_COLUMNS if c in runs]
     rows = []
     for model, g in runs.groupby("model", sort=False):
@@ -632,10 +637,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
                                "n_seeds": len(g), "seeds": list(g["seed"]), "run_ids": list(g["run_id"]),
                                "run_names": list(g["run_name"])}
         for c in metrics:
-            v = pd.to_numeric(g[c], errors="coerce").dropna()
-            row[f"{c}_mean"] = v.mean() if len(v) else math.nan
-            row[f"{c}_std"] = v.std(ddof=1) if len(v) > 1 else math.nan
-            row[f"{c}_n"] = len(v)
+            row[f"{c}_mean"], row[f"{c}_std"], row[f"{c}_n"] = mean_sd_n(g[c])
         rows.append(row)
     out = pd.DataFrame(rows)
     if out.empty:
