@@ -190,61 +190,66 @@ def test_report_is_logged_to_the_parent_run(store: dict, report: Path) -> None:
 def test_summary_is_computed_from_the_numbers(study, tmp_path: Path) -> None:
     agg = aggregate(study.runs).set_index("model")
     a, b = agg.loc["plain-14", "train_error_mean"], agg.loc["plain-8", "train_error_mean"]
-    word = "higher" if a > b else "lower"
+    word = "worse" if a > b else "better"
     rep = build_report(study, tmp_path / "r1", figures=[])
-    assert any(s.startswith(f"plain-14 ends with {word} training error than plain-8: {a:.2f} % vs {b:.2f} %")
-               for s in rep.summary)
+    # plain-14 and plain-8 share one seed: the difference, worded as one seed (issue 13)
+    assert any(s.startswith(f"plain-14 trains {word} than plain-8 by {abs(a - b):.2f} points (one seed, no interval; "
+                            f"training error {a:.2f} % vs {b:.2f} %)") for s in rep.summary)
     # flip the ordering in the loaded runs: the sentence must flip with it
     runs = study.runs.copy()
     i14, i8 = runs.index[runs["model"] == "plain-14"][0], runs.index[runs["model"] == "plain-8"][0]
     runs.loc[i14, "train_error"], runs.loc[i8, "train_error"] = b, a
     flipped = dataclasses.replace(study, runs=runs)
     rep2 = build_report(flipped, tmp_path / "r2", figures=[])
-    other = "lower" if word == "higher" else "higher"
-    assert any(s.startswith(f"plain-14 ends with {other} training error than plain-8: {b:.2f} % vs {a:.2f} %")
-               for s in rep2.summary)
+    other = "better" if word == "worse" else "worse"
+    assert any(s.startswith(f"plain-14 trains {other} than plain-8 by {abs(a - b):.2f} points (one seed, no interval; "
+                            f"training error {b:.2f} % vs {a:.2f} %)") for s in rep2.summary)
     assert f"{b:.2f} % vs {a:.2f} %" in rep2.markdown.read_text()
 
 
-def _agg(rows: list[tuple[str, float, float, float]]) -> pd.DataFrame:
-    runs = pd.DataFrame([{"run_id": f"r{i}", "run_name": f"{m}-s{s}", "model": m, "arch": "plain" if m.startswith("plain") else "residual",
+def _runs(rows: list[tuple[str, int, float, float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"run_id": f"r{i}", "run_name": f"{m}-s{s}", "model": m, "arch": "plain" if m.startswith("plain") else "residual",
                           "depth": int(m.split("-")[1]), "seed": s, "train_error": tr, "test_error": te}
                          for i, (m, s, tr, te) in enumerate(rows)])
-    return aggregate(runs)
 
 
 def test_findings_flip_with_the_data() -> None:
-    deg = findings.depth_findings(_agg([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0)]))
-    assert deg[0].startswith("plain-56 ends with higher training error than plain-20: 4.10 % vs 2.30 %")
+    deg = findings.depth_findings(_runs([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0)]))
+    assert deg[0].startswith("plain-56 trains worse than plain-20 by 1.80 points (one seed, no interval; "
+                             "training error 4.10 % vs 2.30 %)")
     assert "degradation problem" in deg[0]
-    no_deg = findings.depth_findings(_agg([("plain-20", 0, 4.1, 8.0), ("plain-56", 0, 2.3, 9.0)]))
-    assert no_deg[0].startswith("plain-56 ends with lower training error than plain-20: 2.30 % vs 4.10 %")
+    no_deg = findings.depth_findings(_runs([("plain-20", 0, 4.1, 8.0), ("plain-56", 0, 2.3, 9.0)]))
+    assert no_deg[0].startswith("plain-56 trains better than plain-20 by 1.80 points (one seed, no interval; "
+                                "training error 2.30 % vs 4.10 %)")
     assert "no degradation" in no_deg[0]
-    seeds = _agg([("resnet-56", 0, 1.0, 7.0), ("resnet-56", 1, 1.2, 7.2), ("plain-56", 0, 4.0, 10.0),
-                  ("plain-56", 1, 4.4, 10.4)])
-    (rvp,) = findings.residual_vs_plain(seeds)
-    assert rvp.startswith("At depth 56, ResNet-56 ends with lower training error than plain-56: 1.10 % vs 4.20 %")
-    assert "beyond the seed-to-seed spread" in rvp
-    close = _agg([("resnet-56", 0, 4.0, 7.0), ("resnet-56", 1, 4.4, 7.2), ("plain-56", 0, 4.1, 10.0),
-                  ("plain-56", 1, 4.5, 10.4)])
-    assert "within the seed-to-seed spread" in findings.residual_vs_plain(close)[0]
-    assert findings.depth_findings(_agg([("plain-20", 0, 2.0, 8.0)])) == []
+    seeds = _runs([("resnet-56", 0, 1.0, 7.0), ("resnet-56", 1, 1.2, 7.2), ("plain-56", 0, 4.0, 10.0),
+                   ("plain-56", 1, 4.4, 10.4)])
+    (rvp,) = findings.residual_vs_plain(seeds)  # plain-56 minus ResNet-56, seed by seed: 3.0, 3.2
+    assert rvp.startswith("At depth 56, plain-56 trains worse than ResNet-56 by 3.10 points (95 % CI 1.83 to 4.37, "
+                          "2 seeds; training error 4.20 % vs 1.10 %)")
+    # seed by seed +0.5 and -0.4: the interval holds 0, so no direction is stated
+    close = _runs([("resnet-56", 0, 4.0, 7.0), ("resnet-56", 1, 4.4, 7.2), ("plain-56", 0, 4.5, 10.0),
+                   ("plain-56", 1, 4.0, 10.4)])
+    assert findings.residual_vs_plain(close)[0].startswith(
+        "At depth 56, plain-56 and ResNet-56 show no clear difference in training error: +0.05 points (95 % CI ")
+    assert findings.depth_findings(_runs([("plain-20", 0, 2.0, 8.0)])) == []
 
 
 def test_one_seed_is_said_once_not_in_every_sentence() -> None:
-    single = _agg([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0), ("resnet-56", 0, 1.0, 7.0)])
+    single = _runs([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0), ("resnet-56", 0, 1.0, 7.0)])
     empty = pd.DataFrame()
     lines = findings.summarize(single, empty, empty)
     assert lines[0].startswith("Every net was trained with one seed")
     assert not any("spread" in line for line in lines[1:])
-    mixed = _agg([("plain-56", 0, 4.0, 10.0), ("plain-56", 1, 4.4, 10.4), ("resnet-56", 0, 1.0, 7.0)])
+    assert all("(one seed, no interval;" in line for line in lines[1:])  # issue 13: each difference says so
+    mixed = _runs([("plain-56", 0, 4.0, 10.0), ("plain-56", 1, 4.4, 10.4), ("resnet-56", 0, 1.0, 7.0)])
     lines = findings.summarize(mixed, empty, empty)
     assert not lines[0].startswith("Every net")
-    assert "(one seed for at least one net: no spread estimate)" in lines[0]
+    assert "(one seed, no interval;" in lines[0]  # paired by seed: only seed 0 has both nets
     # one seed on both sides of a comparison, but not everywhere: the sentence itself says so
-    lines = findings.summarize(_agg([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0), ("resnet-56", 0, 1.0, 7.0),
-                                     ("resnet-56", 1, 1.2, 7.1)]), empty, empty)
-    assert lines[0].startswith("plain-56 ends with") and "no spread estimate" in lines[0]
+    lines = findings.summarize(_runs([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0), ("resnet-56", 0, 1.0, 7.0),
+                                      ("resnet-56", 1, 1.2, 7.1)]), empty, empty)
+    assert lines[0].startswith("plain-56 trains worse than plain-20") and "one seed, no interval" in lines[0]
 
 
 def test_gradient_flow_finding_flips() -> None:
