@@ -199,13 +199,13 @@ def draw_degradation(curves: pd.DataFrame, *, milestones: Sequence[int] = (), lr
                 notes.append(f"degradation: no {ARCH_LABEL[arch]} runs, the {ARCH_LABEL[arch]} panel is empty")
                 continue
             for depth in sorted(sub["depth"].unique()):
-                for metric, ls, lw in (("train/error", "--", 1.3), ("test/error", "-", 2.0)):
+                for metric, ls, lw, alpha in (("train/error", "--", 1.3, 0.1), ("test/error", "-", 2.0, 0.22)):
                     d = sub[(sub["depth"] == depth) & (sub["metric"] == metric)]
                     if d.empty:
                         notes.append(f"degradation: no {metric} curve for {ARCH_LABEL[arch]}-{depth}")
                         continue
                     sparse = metric == "test/error" and d["iteration"].nunique() <= 20  # few evaluations: mark them
-                    band(ax, d, "iteration", color=colors[int(depth)], ls=ls, lw=lw,
+                    band(ax, d, "iteration", color=colors[int(depth)], ls=ls, lw=lw, alpha=alpha,
                          marker="o" if sparse else None, markersize=3.5, markeredgewidth=0)
             ax.set_xlim(0, xmax)
             ax.set_ylabel("")
@@ -284,7 +284,7 @@ def draw_error_vs_depth(runs: pd.DataFrame) -> Figure:
         items = [(ARCH_LABEL[a], {"color": ARCH_COLOR[a], "marker": ARCH_MARKER[a], "markersize": 7})
                  for a in ARCHS if (runs["arch"] == a).any()]
         if spread:
-            items.append(("one seed", {"color": "0.45", "marker": "o", "ls": "none", "markersize": 4, "alpha": 0.6}))
+            items.append(("each seed", {"color": "0.45", "marker": "o", "ls": "none", "markersize": 4, "alpha": 0.6}))
         else:
             items.append(("one seed per net: no error bars", {"color": "none"}))
         fig.legend(handles=legend_handles(items), loc="outside upper center", ncols=len(items))

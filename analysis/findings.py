@@ -55,7 +55,7 @@ def difference_sentence(p: Paired) -> str:
     error 6.40 % vs 2.30 %)'. An interval containing 0 states no direction: 'no clear difference'."""
     a, b, d, what = display_name(p.a), display_name(p.b), p.diff, METRIC_WORDS[p.column]
     means = f"{what} {pct(p.a_mean)} vs {pct(p.b_mean)}"
-    if (d.has_interval and not d.clear) or compare(d.mean, 0.0) == "the same":
+    if _direction(p) is None:
         return f"{a} and {b} show no clear difference in {what}: {d.mean:+.2f} points ({interval_text(d)}; " \
                f"{pct(p.a_mean)} vs {pct(p.b_mean)})"
     verb = _WORSE[p.column][0 if d.mean > 0 else 1]
@@ -63,15 +63,15 @@ def difference_sentence(p: Paired) -> str:
 
 
 def _test_clause(p: Paired | None) -> str:
-    """'; on the test set it is worse by 1.00 points (...)' or '; no clear difference on the test set: ...'."""
+    """'; on the test set plain-56 is worse by 1.00 points (...)' or '; no clear difference on the test set: ...'."""
     if p is None:
         return ""
     d = p.diff
     means = f"test error {pct(p.a_mean)} vs {pct(p.b_mean)}"
-    if (d.has_interval and not d.clear) or compare(d.mean, 0.0) == "the same":
+    if _direction(p) is None:
         return f"; no clear difference on the test set: {d.mean:+.2f} points ({interval_text(d)}; {means})"
-    return f"; on the test set it is {'worse' if d.mean > 0 else 'better'} by {abs(d.mean):.2f} points " \
-           f"({interval_text(d)}; {means})"
+    return (f"; on the test set {display_name(p.a)} is {_direction(p)} by {abs(d.mean):.2f} points "
+            f"({interval_text(d)}; {means})")
 
 
 def _direction(p: Paired) -> str | None:

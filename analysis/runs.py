@@ -245,6 +245,7 @@ def _runs_frame(children: list[Any]) -> tuple[pd.DataFrame, dict[str, dict[str, 
         row = {
             "run_id": r.info.run_id, "run_name": r.info.run_name, "model": model, "arch": arch, "depth": depth,
             "seed": _int(tags.get("seed", p.get("seed"))), "status": r.info.status, "scale": tags.get("scale"),
+            "shortcut": tags.get("shortcut"),  # the option the net was built with (A/B/C; "none" for plain)
             "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True) if r.info.start_time else pd.NaT,
             "end_time": pd.to_datetime(r.info.end_time, unit="ms", utc=True) if r.info.end_time else pd.NaT,
             "parent_run_id": tags.get("mlflow.parentRunId"), "device": tags.get("device"),

@@ -32,7 +32,7 @@ def results_frame(study: Study) -> pd.DataFrame:
         its = its.fillna(pd.to_numeric(r["param_iterations"], errors="coerce").astype("Int64"))
     out = pd.DataFrame({
         "study": study.name, "scale": r["scale"], "net": r["model"], "arch": r["arch"], "depth": r["depth"],
-        "shortcut": r.get("param_shortcut"), "seed": r["seed"],
+        "shortcut": r["shortcut"] if "shortcut" in r else None, "seed": r["seed"],
         **{c: r[c] if c in r else math.nan for c in ERROR_NUMBERS},
         "iterations": its, "minutes": r["duration_s"] / 60 if "duration_s" in r else math.nan, "run_id": r["run_id"],
     })

@@ -100,7 +100,7 @@ def test_the_ci_sentence_is_right_and_flips_with_the_data() -> None:
                         f"{4.1 + half:.2f}, 3 seeds; training error 6.33 % vs 2.23 %)")
     assert "consistent with the degradation problem" in s
     # test errors 9.0 - 8.0, 9.0 - 8.2, 9.3 - 8.1: 1.0, 0.8, 1.2 -> clear, worse
-    assert "; on the test set it is worse by 1.00 points (95 % CI " in s
+    assert "; on the test set plain-56 is worse by 1.00 points (95 % CI " in s
     # the same means with seed-to-seed swings the interval cannot exclude 0 in: no direction
     noisy = base + [("plain-56", 0, 0.5, 9.0), ("plain-56", 1, 12.0, 9.0), ("plain-56", 2, 6.0, 9.3)]
     (s,) = findings.depth_findings(_runs(noisy))
@@ -122,7 +122,7 @@ def test_plain_minus_resnet_at_each_depth() -> None:
     half = T_975[1] * np.std([3.0, 3.2], ddof=1) / math.sqrt(2)
     assert s.startswith(f"At depth 56, plain-56 trains worse than ResNet-56 by 3.10 points (95 % CI "
                         f"{3.1 - half:.2f} to {3.1 + half:.2f}, 2 seeds; training error 4.20 % vs 1.10 %)")
-    assert "test set it is worse by 3.05 points" in s
+    assert "; on the test set plain-56 is worse by 3.05 points" in s
 
 
 def test_anchor_inside_or_outside_two_sd() -> None:
@@ -249,7 +249,7 @@ def test_results_csv_equals_the_runs_metrics(store: dict, report: Path) -> None:
         assert row.run_id == store["runs"][(row.net, row.seed)] and row.study == STUDY and row.scale == "cpu"
         assert (row.train_error, row.test_error, row.diag_example_ratio) == \
             (m["train/error"], m["test/error"], m["diag/example_ratio"])
-        assert row.iterations == 20 and row.shortcut == run.data.params["shortcut"]
+        assert row.iterations == 20 and row.shortcut == run.data.tags["shortcut"]
         assert row.minutes == pytest.approx((run.info.end_time - run.info.start_time) / 60000)
     summary = pd.read_csv(report.parent / "summary.csv").set_index("net")
     for model in NETS:
