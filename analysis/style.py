@@ -62,22 +62,36 @@ def arch_depth_colors(nets: pd.DataFrame) -> dict[tuple[str, int], tuple[float, 
     return out
 
 
-def has_spread(data: pd.DataFrame, x: str, y: str = "value") -> bool:
-    """More than one seed (run) at some x: there is a spread to draw."""
-    return bool(len(data)) and int(data.groupby(x, observed=True)[y].count().max()) > 1
+def seed_stats(data: pd.DataFrame, x: str, y: str = "value") -> pd.DataFrame:
+    """Mean, sample sd (ddof=1) and n of ``y`` over seeds (runs) at each ``x``, sorted by ``x``."""
+    g = data.groupby(x, sort=True, observed=True)[y]
+    return g.agg(mean="mean", sd="std", n="count").reset_index()
 
 
 def band(ax: Axes, data: pd.DataFrame, x: str, y: str = "value", *, bars: bool = False,
          alpha: float = BAND_ALPHA, **line_kws) -> bool:
-    """The mean of ``y`` over seeds at each ``x`` as a line, with ±1 sample sd (ddof=1) as a band
-    (``bars``: error bars with caps) where some ``x`` has several seeds; one seed: the line alone.
-    Drawn by ``seaborn.lineplot``, so a notebook gets the same from the same tidy frame. Returns
-    whether a spread was drawn. ``alpha``: the band's opacity (lighter for a secondary line)."""
-    spread = has_spread(data, x, y)
-    err_kws = {"capsize": 4, "elinewidth": 1.2} if bars else {"alpha": alpha, "linewidth": 0}
-    # one value per x: no aggregation to do (estimator None skips seaborn's per-x groupby, ~10x faster)
-    sns.lineplot(data=data, x=x, y=y, ax=ax, estimator="mean" if spread else None, errorbar="sd" if spread else None,
-                 err_style="bars" if bars else "band", err_kws=err_kws, legend=False, **line_kws)
+    """The mean of ``y`` over seeds at each ``x`` as a line (``seaborn.lineplot``), with ±1 sample
+    sd (ddof=1) as a band (``bars``: error bars with caps) where some ``x`` has several seeds; one
+    seed: the line alone. Returns whether a spread was drawn.
+
+    The mean and sd come from one pandas groupby rather than seaborn's ``errorbar="sd"``, which
+    aggregates x by x: 0.75 s per 500-point line with 3 seeds (measured, 2 shared cores), ~40 s
+    for a 3-seed full-scale report; the groupby gives the same numbers in milliseconds.
+    ``alpha``: the band's opacity (lighter for a secondary line)."""
+    s = seed_stats(data, x, y)
+    spread = bool((s["n"] > 1).any())
+    labels = ax.get_xlabel(), ax.get_ylabel()
+    # a label already there stops seaborn from asking for the tick labels (it lays out the ticks: ~60 ms a call)
+    ax.set(xlabel=labels[0] or " ", ylabel=labels[1] or " ")
+    sns.lineplot(data=s.rename(columns={"mean": y}), x=x, y=y, ax=ax, estimator=None, legend=False, **line_kws)
+    ax.set(xlabel=labels[0], ylabel=labels[1])
+    if spread:
+        color = ax.get_lines()[-1].get_color()
+        if bars:
+            ax.errorbar(s[x], s["mean"], yerr=s["sd"].fillna(0.0), fmt="none", ecolor=color, capsize=4,
+                        elinewidth=1.2, zorder=line_kws.get("zorder", 2))
+        else:
+            ax.fill_between(s[x], s["mean"] - s["sd"], s["mean"] + s["sd"], color=color, alpha=alpha, linewidth=0)
     return spread
 
 
