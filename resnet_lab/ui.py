@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from .tracking import connect, display_uri, resolve_tracking_uri
 RUNS_VIEW = "workflowType=machine_learning"  # MLflow 3's query parameter for the classic runs view
 READY_TIMEOUT_S = 180.0  # a cold MLflow server imports for 10-40 s on a busy 2-core machine
 STOP_TIMEOUT_S = 10.0
+ACCESS_OK = re.compile(r'" [23]\d\d ')  # uvicorn's access-log line of a request that succeeded: not echoed
 HINT = ('the browser remembers the "Model training" / "GenAI" toggle: without ?' + RUNS_VIEW +
         ", MLflow may open an experiment on its GenAI overview (Ctrl-C stops the server)")
 
@@ -73,6 +75,7 @@ def check_port_free(host: str, port: int) -> None:
     """Fail in one line, before the server starts, when something already listens on ``port``."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
             s.bind((host, port))
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e} "
@@ -95,7 +98,10 @@ class Server:
     """The MLflow server as a child process in its own process group, its output kept until ready."""
 
     def __init__(self, cmd: list[str]) -> None:
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # No job runner: it serves GenAI jobs (online scoring, trace archival) this project has none
+        # of, and is one more process to start and to stop.
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      start_new_session=True)  # Ctrl-C reaches us; we stop the group
         self.lines: deque[str] = deque(maxlen=40)
         self.echo = False  # once ready, the server's messages go to stderr
@@ -105,7 +111,7 @@ class Server:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip())
-            if self.echo:
+            if self.echo and not ACCESS_OK.search(line):
                 print(line, end="", file=sys.stderr)
 
     def wait_ready(self, url: str, timeout: float) -> None:
@@ -126,17 +132,20 @@ class Server:
         raise UserError(f"the MLflow server did not answer {url} within {timeout:.0f} s")
 
     def stop(self) -> None:
-        """SIGTERM to the server's group (uvicorn and its worker), SIGKILL if it lingers."""
+        """SIGTERM to ``mlflow server``, which passes it on to uvicorn for a graceful stop (a few
+        seconds); whatever of its group is left after STOP_TIMEOUT_S is killed. (Signalling the
+        whole group instead interrupts uvicorn twice, which it answers with a traceback.)"""
         if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, STOP_TIMEOUT_S)):
-                try:
-                    os.killpg(self.proc.pid, sig)
-                    self.proc.wait(wait)
-                    break
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the usual case: the group is gone
+        self.proc.wait()
 
 
 def _interrupt(signum: int, frame: Any) -> None:
