@@ -158,7 +158,9 @@ def browser(sync_playwright: Any) -> Iterator[Any]:
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
     """A fresh profile each time: a new user, whose browser has no remembered "Model training" toggle."""
-    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    # A common desktop screen: at 1600 px the picked column sits right of the grid's visible
+    # part, beside MLflow's Assistant panel (open by default), until one scrolls sideways.
+    context = browser.new_context(viewport={"width": 1920, "height": 1080})
     context.set_default_timeout(UI_TIMEOUT_MS)
     yield context.new_page()
     context.close()
@@ -193,27 +195,35 @@ def test_url_opens_the_runs_with_their_test_error(server: dict, page: Any, tmp_p
     # (Columns, search, tick). Phase 2 logs `final/test_error`; then look for that key instead.
     page.get_by_role("button", name="Columns").click()
     page.get_by_placeholder("Search columns").fill("test/error")
-    page.get_by_role("checkbox", name="test/error", exact=True).check()
+    node = page.locator(".du-bois-light-tree-treenode", has=page.get_by_text("test/error", exact=True))
+    node.locator(".du-bois-light-tree-checkbox").click()  # the column picker is a tree of checkboxes
     page.keyboard.press("Escape")
+    from playwright.sync_api import expect
+
     client = MlflowClient(server["uri"])
     for name in NETS:
         run_id = server["runs"][name].info.run_id
         stored = client.get_run(run_id).data.metrics["test/error"]
         # ag-grid draws a row in parts (pinned, centre) that share its row-index
         index = page.locator("[role=row]", has=page.locator("a", has_text=name)).first.get_attribute("row-index")
-        shown = page.locator(f"[role=row][row-index='{index}'] [col-id='metrics.`test/error`']").inner_text()
-        assert float(shown) == pytest.approx(stored, abs=0.01), (name, shown, stored)
+        cell = page.locator(f"[role=row][row-index='{index}'] [col-id='metrics.`test/error`']")
+        expect(cell).to_be_in_viewport()  # seen, not only in the page
+        assert float(cell.inner_text()) == pytest.approx(stored, abs=0.01), (name, cell.inner_text(), stored)
     _shot(page, tmp_path, "runs_with_test_error")
 
 
 def test_chart_view_shows_the_test_error_chart(server: dict, page: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
     page.goto(server["lines"][0] + "&compareRunsMode=CHART")
     page.locator(".ag-cell a", has_text=STUDY).wait_for()
     _expand_parent(page)  # charts draw the visible runs; a collapsed parent hides its children
     page.get_by_placeholder("Search metric charts").fill("test/error")
     card = page.get_by_test_id("experiment-view-compare-runs-card").filter(
         has=page.locator("h4[title='test/error']"))
-    card.wait_for()
+    # drawn, a line per child run (the card's legend, cut by its height, need not name them all)
+    card.locator(".scatterlayer path.js-line").nth(len(NETS) - 1).wait_for()
+    expect(card.locator("h4[title='test/error']")).to_be_in_viewport()
     _shot(page, tmp_path, "chart_test_error")
 
 
@@ -223,4 +233,5 @@ def test_report_images_all_decode(study: dict, page: Any, tmp_path: Path) -> Non
     page.wait_for_load_state("load")
     widths = page.locator("img").evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
     assert widths and all(w > 0 for w in widths), widths
+    page.locator("img").first.scroll_into_view_if_needed()
     _shot(page, tmp_path, "report")
