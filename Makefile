@@ -7,6 +7,7 @@ STUDY  ?= experiments/fashion_mnist.toml
 STUDY_ARGS ?=
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+PORT   ?= 5000
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
 .PHONY: setup test depth-study report ui bench bench-report clean
@@ -31,8 +32,9 @@ depth-study: setup
 report: setup
 	$(BIN)/resnet-lab report $(STUDY)
 
+# Prints the URL of the study's runs view once the MLflow server answers; Ctrl-C stops it.
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	$(BIN)/resnet-lab ui $(STUDY) --port $(PORT)
 
 bench: setup
 	$(BIN)/python benchmarks/probe_overhead.py $(BENCH_ARGS) --csv benchmarks/results/probe_overhead.csv

@@ -162,7 +162,7 @@ def _pm(mean: float, std: float, n: int) -> str:
 def _run_link(study: Study, run_id: str, text: str) -> str:
     uri = study.tracking_uri
     if uri.startswith(("http://", "https://")):
-        return f"[{text}]({safe_uri(uri).rstrip('/')}/#/experiments/{study.experiment_id}/runs/{run_id})"
+        return f"[{text}]({safe_uri(uri).rstrip('/')}/#/experiments/{study.experiment_id}/runs/{run_id}?workflowType=machine_learning)"
     return text
 
 

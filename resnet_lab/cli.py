@@ -108,10 +108,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (default: family default)")
     p.set_defaults(func=cmd_describe)
     from analysis import report
-    from . import study
+    from . import study, ui
 
     study.add_parser(sub)
     report.add_parser(sub)
+    ui.add_parser(sub)
     return parser
 
 
