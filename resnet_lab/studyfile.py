@@ -228,22 +228,10 @@ def _apply(cfg: TrainConfig, table: dict[str, Any], label: str, err: _Where) -> 
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise err(f"[{label}] unknown key {key!r}{hint}: the keys are TrainConfig fields, "
                       "see 'resnet-lab train --help-config'")
-    values = dict(table)
-    if "iterations" in values and "epochs" in values and not _is_none(values["iterations"]) \
-            and not _is_none(values["epochs"]):
-        raise err(f"[{label}] sets both iterations and epochs: give one (setting one unsets the other)")
-    if "epochs" in values and not _is_none(values["epochs"]):
-        values.setdefault("iterations", None)
-    elif "iterations" in values and not _is_none(values["iterations"]):
-        values.setdefault("epochs", None)
     try:
-        return apply(cfg, values, f"[{label}]")
+        return apply(cfg, table, f"[{label}]")
     except UserError as e:
         raise err(f"[{label}] {e}") from None
-
-
-def _is_none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
 
 
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], label: str, err: _Where, what: str) -> None:
