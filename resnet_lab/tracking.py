@@ -339,21 +339,21 @@ class RunTracker:
     def create(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                tags: dict[str, str], client: Any | None = None) -> "RunTracker":
         """A new run with ``params`` (in batches of MLflow's limit) and ``tags``."""
-        from mlflow.entities import Param
-
         client = client or connect(uri)
         experiment_id = get_or_create_experiment(client, experiment, uri)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         tracker = cls(client, run.info.run_id, uri)
-        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            tracker._retry("log params", client.log_batch, run.info.run_id,
-                           params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+        tracker.log_params(params)
         return tracker
 
     @classmethod
-    def reopen(cls, uri: str, run_id: str, client: Any | None = None) -> "RunTracker | None":
-        """The existing run ``run_id`` set back to RUNNING; None if it is gone or finished."""
+    def reopen(cls, uri: str, run_id: str, client: Any | None = None, *,
+               finished_too: bool = False) -> "RunTracker | None":
+        """The existing run ``run_id`` set back to RUNNING; None if it is gone, or FINISHED.
+
+        A finished training is never reopened (a rerun must not add to it); a study's parent
+        run is (``finished_too``): each rerun of the study continues it.
+        """
         from mlflow.exceptions import MlflowException
 
         client = client or connect(uri)
@@ -362,10 +362,19 @@ class RunTracker:
             run = tracker._retry("read the run", client.get_run, run_id)
         except MlflowException:  # deleted, or from another store: start afresh
             return None
-        if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED":
+        if run.info.lifecycle_stage != "active" or (run.info.status == "FINISHED" and not finished_too):
             return None
         tracker._retry("reopen the run", client.update_run, run_id, status="RUNNING")
         return tracker
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params in batches of MLflow's limit (MLflow params cannot change once logged)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._retry("log params", self.client.log_batch, self.run_id,
+                        params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
 
     def last_step(self, key: str) -> int:
         """The highest step of ``key`` already stored (-1 if none): what a resumed run must not log again."""
