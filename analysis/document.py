@@ -20,12 +20,12 @@ from typing import Any
 
 import pandas as pd
 
-from .anchors import Anchor, anchor_for
-from .figures import FIGURES, FigureResult, make_figures, missing_pairs
-from .findings import flow_ratios, pct, ratio_text, summarize
 from resnet_lab.config import NOT_TRAINING
 from resnet_lab.tracking import display_uri
 
+from .anchors import Anchor, anchor_for
+from .figures import FIGURES, FigureResult, make_figures, missing_pairs
+from .findings import flow_ratios, pct, ratio_text, summarize
 from .runs import Study, aggregate, display_name
 
 # params that are not the training configuration: where things live, how it ran, and each run's own identity
