@@ -104,7 +104,7 @@ def bench_model(name: str, device: torch.device, rounds: int, window: int, warmu
     sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
-        probes["norms"].on_backward(its["norms"])
+        probes["norms"].on_backward(states["norms"].iteration)
     sync(device)
     alone_ms = (time.perf_counter() - t0) / calls * 1e3
     off = median(off_ms)
