@@ -21,15 +21,17 @@ from typing import Any
 
 import pandas as pd
 
+from resnet_lab.config import NOT_TRAINING
+from resnet_lab.tracking import display_uri
+
 from .anchors import Anchor, anchor_for
 from .figures import FIGURES, FigureResult, make_figures, missing_pairs
 from .findings import flow_ratios, pct, ratio_text, summarize
-from .runs import Study, aggregate, display_name, safe_uri
+from .runs import Study, aggregate, display_name
 from .tables import write_tables
 
-# params that say where things live or how progress shows, not what was trained
-_NOT_CONFIG = {"model", "seed", "run_name", "tracking_uri", "experiment", "data_dir", "data_root", "progress",
-               "checkpoint_dir", "checkpoint_every", "device"}
+# params that are not the training configuration: where things live, how it ran, and each run's own identity
+_NOT_CONFIG = {"model", "seed", "run_name", *NOT_TRAINING}
 
 
 # --------------------------------------------------------------------------- a tiny document model
@@ -162,7 +164,7 @@ def _pm(mean: float, std: float, n: int) -> str:
 def _run_link(study: Study, run_id: str, text: str) -> str:
     uri = study.tracking_uri
     if uri.startswith(("http://", "https://")):
-        return f"[{text}]({safe_uri(uri).rstrip('/')}/#/experiments/{study.experiment_id}/runs/{run_id}?workflowType=machine_learning)"
+        return f"[{text}]({display_uri(uri).rstrip('/')}/#/experiments/{study.experiment_id}/runs/{run_id}?workflowType=machine_learning)"
     return text
 
 
@@ -272,7 +274,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     scale = f" ({study.scale} scale)" if study.scale else ""
     doc.h(1, f"Study report: {study.name}{scale}")
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    doc.p(f"Generated {generated} from MLflow tracking store `{safe_uri(study.tracking_uri)}`, experiment "
+    doc.p(f"Generated {generated} from MLflow tracking store `{display_uri(study.tracking_uri)}`, experiment "
           f"`{study.name}` (id {study.experiment_id}); {len(study.runs)} finished training runs of "
           f"{study.runs['model'].nunique()} nets. Plain vs residual CNNs at depth (He et al. 2016, Sec. 4.2).")
     doc.h(2, "Summary")

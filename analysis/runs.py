@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from resnet_lab.errors import UserError
+from resnet_lab.tracking import connect, display_uri, is_sqlite, resolve_tracking_uri, search_all_runs, sqlite_path
 
 CURVE_KEYS = ("train/error", "test/error", "val/error", "train/loss", "test/loss", "val/loss", "lr")
 FINAL_KEYS = (*CURVE_KEYS, "perf/images_per_s")
@@ -69,11 +69,6 @@ def display_name(model: str, arch: str | None = None, depth: int | None = None) 
     if model.startswith("resnet-"):
         return "ResNet-" + model[len("resnet-"):]
     return model
-
-
-def safe_uri(uri: str) -> str:
-    """The tracking URI without any user:password part, for messages and reports."""
-    return re.sub(r"//[^/@]+@", "//", uri)
 
 
 @dataclass
@@ -136,8 +131,6 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
     wins. What is left out and why is in ``notes`` and ``left_out``. An unknown experiment
     or one with no finished training runs is a ``UserError``.
     """
-    from resnet_lab.tracking import connect, resolve_tracking_uri, search_all_runs
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     uri = resolve_tracking_uri(tracking_uri)
@@ -147,7 +140,7 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
     if exp is None:
         names = sorted(e.name for e in client.search_experiments(max_results=50))
         known = f"; experiments there: {', '.join(names[:12])}" if names else "; the store has no experiments"
-        raise UserError(f"no MLflow experiment {study!r} in tracking store {safe_uri(uri)}{known} "
+        raise UserError(f"no MLflow experiment {study!r} in tracking store {display_uri(uri)}{known} "
                         "(run the study first, or pass --tracking-uri)")
     all_runs = search_all_runs(client, exp.experiment_id)
     timings["search_runs"] = time.perf_counter() - t0
@@ -156,14 +149,14 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
     parent = _pick_parent(all_runs, study, scale)
     children = _children(all_runs, study, parent, scale)
     if not children:
-        where = f"experiment {study!r} in tracking store {safe_uri(uri)}"
+        where = f"experiment {study!r} in tracking store {display_uri(uri)}"
         raise UserError(f"no training runs in {where}: run the study first (or check the study name / --tracking-uri)")
     runs_df, params = _runs_frame(children)
     runs_df, left_out = _finished_newest(runs_df)
     for row in left_out.itertuples():
         notes.append(f"{row.run_name} (run {row.run_id[:8]}, {row.status.lower()}) left out: {row.reason}")
     if runs_df.empty:
-        raise UserError(f"no finished training runs in experiment {study!r} in tracking store {safe_uri(uri)} "
+        raise UserError(f"no finished training runs in experiment {study!r} in tracking store {display_uri(uri)} "
                         f"({len(left_out)} unfinished: {', '.join(sorted(set(left_out['status'])))})")
     params = {rid: params[rid] for rid in runs_df["run_id"]}
     if parent is not None:
@@ -196,12 +189,11 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
 def _require_sqlite_file(uri: str) -> None:
     """A SQLite URI must name an existing file: connecting would create an empty store, and
     a report must leave nothing behind when there is nothing to report."""
-    if not uri.startswith("sqlite:"):
+    if not is_sqlite(uri):
         return
-    path = uri.split("://", 1)[-1].split("?", 1)[0]
-    path = path[1:] if path.startswith("/") else path  # sqlite:///rel.db -> rel.db, sqlite:////abs.db -> /abs.db
-    if path in ("", ":memory:") or not Path(path).is_file():
-        raise UserError(f"no MLflow tracking store at {safe_uri(uri)} (file {path or '?'} not found): run the study "
+    path = sqlite_path(uri)
+    if path is None or not path.is_file():
+        raise UserError(f"no MLflow tracking store at {display_uri(uri)} (file {path or '?'} not found): run the study "
                         "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI to the store it wrote")
 
 

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import torch
 
-from resnet_lab.probes import Probes
+from resnet_lab.checkpoint import TrainState
 from resnet_lab.train import train_step
 
 
 lab_step = train_step  # the training loop's own step (resnet_lab.train.train_step)
 
 
-def log_point(probes: Probes, stats: torch.Tensor) -> None:
+def log_point(state: TrainState) -> None:
     """What the loop reads back once per ``log_every`` steps: the loss/error sums and the grad norms."""
-    stats.tolist()
-    stats.zero_()
-    probes.drain()
+    state.window.tolist()
+    state.window.zero_()
+    state.window_iters = 0
+    state.probes.drain()
 
 
 def sync(device: torch.device) -> None:

@@ -1,7 +1,7 @@
 """How much do the probes slow a training step? Probes off vs on, resnet-20 and resnet-110 (issue 3).
 
 Every config runs the lab's own step (``bench_common.lab_step``, the step of
-``resnet_lab.train._loop``: batch from ``DeviceLoader`` with crop+flip, lr set, forward,
+``resnet_lab.train.train_step``: batch from ``DeviceLoader`` with crop+flip, lr set, forward,
 cross-entropy, backward, ``probes.on_backward``, SGD step, loss/error sums on the device)
 on one model and optimiser, batch 128 of CIFAR-10-shaped synthetic uint8 data:
 
@@ -34,10 +34,12 @@ import torch
 
 from bench_common import (add_threads_option, header, lab_step, load, log_point, median, pick_devices, set_threads,
                           sync, timed, write_csv)
+from resnet_lab.checkpoint import TrainState
 from resnet_lab.config import TrainConfig
 from resnet_lab.data import DeviceLoader, Split
 from resnet_lab.models import build_model
 from resnet_lab.probes import Probes, gradient_flow
+from resnet_lab.train import memory_format
 
 FLOW_EVERY = 100
 BATCH = 128
@@ -56,31 +58,28 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 def bench_model(name: str, device: torch.device, rounds: int, window: int, warmup: int,
                 flow_reps: int) -> list[dict]:
     """One row per config: ms per step, median ratio to ``off`` over rounds, and its quartiles."""
-    cuda = device.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
     cfg = TrainConfig(model=name)  # lr/momentum/weight decay/log_every as a default training
     torch.manual_seed(0)
-    model = build_model(name).to(device, memory_format=fmt).train()
+    model = build_model(name).to(device, memory_format=memory_format(device)).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(0)
     n = BATCH * 16
     split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
                   torch.randint(0, 10, (n,), generator=g))
-    batches = DeviceLoader(split, batch_size=BATCH, device=device, mean=CIFAR_MEAN, std=CIFAR_STD,
-                           train=True).batches()
+    loader = DeviceLoader(split, batch_size=BATCH, device=device, mean=CIFAR_MEAN, std=CIFAR_STD, train=True)
+    batches = loader.batches()
     probe_x, probe_y = (t.to(device) for t in next(batches))  # the fixed batch gradient_flow sees
     probes = {"off": Probes(model, device=device, enabled=False),
               "norms": Probes(model, device=device, grad_every=1, log_every=cfg.log_every)}
-    stats = {k: torch.zeros(2, device=device) for k in probes}
-    its = dict.fromkeys(probes, 0)
+    # one state per config: the same model, optimiser and batches, its own probes and metric window
+    states = {k: TrainState(model, opt, loader, p, window=torch.zeros(2, device=device)) for k, p in probes.items()}
 
     def run(kind: str) -> None:
+        state = states[kind]
         for _ in range(window):
-            x, y = next(batches)
-            lab_step(model, opt, probes[kind], stats[kind], cfg, its[kind], x, y, amp=cuda, fmt=fmt)
-            its[kind] += 1
-            if its[kind] % cfg.log_every == 0:
-                log_point(probes[kind], stats[kind])
+            lab_step(model, state, cfg, next(batches))
+            if state.iteration % cfg.log_every == 0:
+                log_point(state)
 
     def flow() -> None:
         gradient_flow(model, probe_x, probe_y)
@@ -105,7 +104,7 @@ def bench_model(name: str, device: torch.device, rounds: int, window: int, warmu
     sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
-        probes["norms"].on_backward(its["norms"])
+        probes["norms"].on_backward(states["norms"].iteration)
     sync(device)
     alone_ms = (time.perf_counter() - t0) / calls * 1e3
     off = median(off_ms)

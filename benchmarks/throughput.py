@@ -45,11 +45,13 @@ from torchvision import transforms as T
 
 from bench_common import (add_threads_option, device_name, header, lab_step, load, log_point, median, pick_devices,
                           set_threads, timed, write_csv)
+from resnet_lab.checkpoint import TrainState
 from resnet_lab.config import TrainConfig
 from resnet_lab.data import DeviceLoader, Split
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, parse_model_name
 from resnet_lab.probes import Probes
+from resnet_lab.train import memory_format
 
 BATCH = 128
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -117,31 +119,25 @@ class LabLoop:
     def __init__(self, name: str, device: torch.device, split: Split, compile_step: bool) -> None:
         self.label, self.workers, self.device = "lab" + (" (compiled)" if compile_step else ""), None, device
         self.cfg = TrainConfig(model=name)  # the defaults `resnet-lab train` runs with
-        self.cuda = device.type == "cuda"
-        self.fmt = torch.channels_last if self.cuda else torch.contiguous_format
         torch.manual_seed(0)
-        self.model = build_model(name).to(device, memory_format=self.fmt).train()
+        self.model = build_model(name).to(device, memory_format=memory_format(device)).train()
         self.step_model = torch.compile(self.model) if compile_step else self.model
         c = self.cfg
         self.opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        self.batches = DeviceLoader(split, batch_size=BATCH, device=device, mean=CIFAR_MEAN, std=CIFAR_STD,
-                                    train=True, augment=c.augment, seed=c.seed).batches()
-        self.probes = Probes(self.model, device=device, grad_every=c.grad_every, log_every=c.log_every,
-                             enabled=c.probes)
-        self.stats = torch.zeros(2, device=device)
-        self.it = 0
+        loader = DeviceLoader(split, batch_size=BATCH, device=device, mean=CIFAR_MEAN, std=CIFAR_STD,
+                              train=True, augment=c.augment, seed=c.seed)
+        self.batches = loader.batches()
+        probes = Probes(self.model, device=device, grad_every=c.grad_every, log_every=c.log_every, enabled=c.probes)
+        self.state = TrainState(self.model, self.opt, loader, probes, window=torch.zeros(2, device=device))
 
     def before_window(self) -> None:
         pass
 
     def steps(self, n: int) -> None:
         for _ in range(n):
-            x, y = next(self.batches)
-            lab_step(self.step_model, self.opt, self.probes, self.stats, self.cfg, self.it, x, y,
-                     amp=self.cuda, fmt=self.fmt)
-            self.it += 1
-            if self.it % self.cfg.log_every == 0:
-                log_point(self.probes, self.stats)
+            lab_step(self.step_model, self.state, self.cfg, next(self.batches))
+            if self.state.iteration % self.cfg.log_every == 0:
+                log_point(self.state)
 
 
 def synthetic_split(n: int) -> Split:

@@ -1,5 +1,6 @@
-"""Checkpoints that are never half-written, and a stop flag for Ctrl-C / SIGTERM.
+"""Resumable training state, checkpoints that are never half-written, and a stop flag for Ctrl-C / SIGTERM.
 
+``TrainState`` is everything the next iteration depends on; a checkpoint is its ``capture()``.
 A checkpoint is written to a temporary file in the same directory, fsynced, then renamed
 over the old one: a crash or a full disk at any moment leaves either the previous
 checkpoint or the new one, never a torn file.
@@ -12,16 +13,60 @@ import os
 import signal
 import socket
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import TrainConfig
+from .data import DeviceLoader
 from .errors import UserError
+from .probes import Probes
 
 FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Everything the next training iteration depends on, in one place.
+
+    A checkpoint is ``capture()`` of it and a resumed run ``restore()``s every piece (weights,
+    optimiser momentum, data order, RNG, probe history and the half-done log window), which
+    is why a resumed run's metrics equal an uninterrupted run's on CPU.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DeviceLoader  # the train loader: its (epoch, batch) is the data order
+    probes: Probes
+    window: torch.Tensor  # (loss sum, errors) since the last log point, kept on the device
+    iteration: int = 0  # iterations done
+    window_iters: int = 0  # iterations since the last log point
+    last: dict[str, float] = field(default_factory=dict)  # the last value of each logged metric
+
+    def capture(self, run_id: str, config_hash: str) -> dict[str, Any]:
+        """The checkpoint: this state plus the run it belongs to and the config it trains."""
+        cuda = self.window.device.type == "cuda"
+        return {"version": FORMAT_VERSION, "run_id": run_id, "config_hash": config_hash, "iteration": self.iteration,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "loader": self.loader.state_dict(), "probes": self.probes.state_dict(), "stats": self.window.clone(),
+                "window_iters": self.window_iters, "last": dict(self.last), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Put back every piece of a ``capture()``."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.loader.load_state_dict(saved["loader"])
+        self.probes.load_state_dict(saved["probes"])
+        self.window.copy_(saved["stats"])
+        self.iteration, self.window_iters, self.last = saved["iteration"], saved["window_iters"], dict(saved["last"])
+        torch.set_rng_state(saved["rng"].cpu())
+        if self.window.device.type == "cuda" and saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all([t.cpu() for t in saved["cuda_rng"]])
 
 
 def checkpoint_path(cfg: TrainConfig) -> Path | None:

@@ -44,13 +44,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     flags = {k: v for k, v in {
         "model": args.model, "dataset": args.dataset, "seed": args.seed, "device": args.device,
         "data_dir": args.data_dir, "tracking_uri": args.tracking_uri, "experiment": args.experiment,
+        "iterations": args.iterations, "epochs": args.epochs,  # giving one unsets the other (config.apply)
     }.items() if v is not None}
-    if args.iterations is not None:
-        flags.update(iterations=args.iterations, epochs=None)
-    if args.epochs is not None:
-        flags.update(epochs=args.epochs, iterations=None)
-    if args.iterations is not None and args.epochs is not None:
-        raise UserError("give --iterations or --epochs, not both")
     if args.no_progress:
         flags["progress"] = False
     cfg = apply(cfg, flags, "the command line")

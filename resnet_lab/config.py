@@ -17,7 +17,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .data import DATASETS
 from .errors import UserError
+from .models import SHORTCUTS, canonical_name, parse_model_name
 
 
 @dataclass
@@ -67,11 +69,12 @@ class TrainConfig:
     run_name: str | None = None  # default "<model>-s<seed>"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = canonical_name(self.model)  # --model RESNET-20 trains, names and hashes resnet-20
+
     def validate(self) -> "TrainConfig":
         """Check every field; raise UserError naming the field and a valid alternative."""
-        from .data import DATASETS
-        from .models import SHORTCUTS, parse_model_name
-
         parse_model_name(self.model)
         if self.dataset not in DATASETS:
             raise UserError(f"unknown dataset {self.dataset!r}: use one of {', '.join(DATASETS)}")
@@ -135,7 +138,7 @@ class TrainConfig:
         Where files live, how progress is shown and where runs are logged do not count, so
         moving the data or the store does not make a finished run look new.
         """
-        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        d = {k: v for k, v in self.to_dict().items() if k not in NOT_TRAINING}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,8 +172,10 @@ def _check_compile(device: str) -> None:
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
-_NOT_HASHED = {"data_dir", "data_root", "device", "compile", "tracking_uri", "experiment", "progress",
-               "checkpoint_dir", "checkpoint_every", "eval_batch_size"}
+# Fields that say where things live, where runs are logged, how fast or how visibly a run goes:
+# not what is trained. Left out of config_hash and of the report's configuration table.
+NOT_TRAINING = ("data_dir", "data_root", "device", "compile", "tracking_uri", "experiment", "progress",
+                "checkpoint_dir", "checkpoint_every", "eval_batch_size")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -234,7 +239,21 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UserError(f"unknown config key {key!r} in {source}{hint}; see 'resnet-lab train --help-config'")
         changes[key] = _coerce(key, value)
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, **_one_run_length(changes))
+
+
+def _one_run_length(changes: dict[str, Any]) -> dict[str, Any]:
+    """``iterations`` and ``epochs`` are two forms of one setting: giving one unsets the other.
+
+    The one place this rule lives (command line, config files and study tables all go through
+    ``apply``); ``validate`` checks that exactly one of them is set.
+    """
+    given = [k for k in ("iterations", "epochs") if changes.get(k) is not None]
+    if len(given) == 2:
+        raise UserError("iterations and epochs are both given: give one, not both (giving one unsets the other)")
+    if given:
+        changes.setdefault("epochs" if given[0] == "iterations" else "iterations", None)
+    return changes
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -66,8 +66,13 @@ class Dataset:
     source: str  # where the files came from (a path, a download, or "synthetic")
 
 
+# What each random stream is for: the second number given to _derive_seed, so no two purposes share a stream.
+# The values are fixed: changing one changes every dataset, split or batch drawn from it.
+SYNTHETIC_STREAM, SPLIT_STREAM, SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
+
+
 def _derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, so each (seed, epoch, batch, purpose) gets its own stream."""
+    """A 63-bit seed from integers, so each (seed, purpose, epoch, batch) gets its own stream."""
     digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -165,7 +170,7 @@ def _synthetic(seed: int) -> tuple[Split, Split]:
     The phase is random per class (from `seed`) but fixed within it, so even a nearest-class-
     mean on raw pixels works. Contrast, noise and labels are drawn from `seed`.
     """
-    g = torch.Generator().manual_seed(_derive_seed(seed, 1))
+    g = torch.Generator().manual_seed(_derive_seed(seed, SYNTHETIC_STREAM))
     theta = torch.arange(10) % 5 * (math.pi / 8)  # 0, 22.5, ..., 90 degrees
     freq = torch.where(torch.arange(10) < 5, 3.0, 6.0) * 2 * math.pi / 28  # 3 or 6 cycles per image
     phase = torch.rand(10, generator=g) * 2 * math.pi
@@ -237,20 +242,36 @@ def _locate(name: str, data_dir: str | Path | None, data_root: Path, download: b
 
 # ---------------------------------------------------------------- splitting and statistics
 
-def split_indices(n: int, *, val_size: int, seed: int, train_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices into n examples: one seeded permutation, val first, sorted back to file order."""
+def check_sizes(full_train: int, *, val_size: int = 0, train_size: int | None = None,
+                batch_size: int | None = None) -> int:
+    """The training examples left of ``full_train`` after ``val_size`` and the ``train_size`` subset.
+
+    The one place split and batch sizes are checked (loading, the train loader, ``train``'s
+    preparation and a study's plan call it): a UserError when a split would be empty or
+    larger than what is there, or one batch would not fit.
+    """
     if val_size < 0 or (train_size is not None and train_size <= 0):
         raise UserError(f"val_size must be >= 0 and train_size > 0 (got {val_size}, {train_size})")
-    if val_size >= n:
-        raise UserError(f"val_size {val_size} leaves no training data out of {n} examples; use a smaller val_size (--set val_size=N)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_derive_seed(seed, 2)))
+    if val_size >= full_train:
+        raise UserError(f"val_size {val_size} leaves no training data out of {full_train} examples; "
+                        "use a smaller val_size (--set val_size=N)")
+    left = full_train - val_size
+    if train_size is not None and train_size > left:
+        raise UserError(f"train_size {train_size} exceeds the {left} training examples left after taking "
+                        f"{val_size} for validation; use a smaller train_size (--set train_size=N)")
+    examples = left if train_size is None else train_size
+    if batch_size is not None and batch_size > examples:
+        raise UserError(f"batch size {batch_size} is larger than the {examples} training examples; "
+                        "use a smaller batch size (--set batch_size=N)")
+    return examples
+
+
+def split_indices(n: int, *, val_size: int, seed: int, train_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into n examples: one seeded permutation, val first, sorted back to file order."""
+    examples = check_sizes(n, val_size=val_size, train_size=train_size)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_derive_seed(seed, SPLIT_STREAM)))
     val, train = perm[:val_size], perm[val_size:]
-    if train_size is not None:
-        if train_size > len(train):
-            raise UserError(f"train_size {train_size} exceeds the {len(train)} training examples left "
-                            f"after taking {val_size} for validation; use a smaller train_size (--set train_size=N)")
-        train = train[:train_size]
-    return train.sort().values, val.sort().values
+    return train[:examples].sort().values, val.sort().values
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -323,9 +344,8 @@ class DeviceLoader:
             raise UserError(f"batch size must be positive and pad >= 0 (got {batch_size}, {pad})")
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
-        if train and len(split) < batch_size:
-            raise UserError(f"batch size {batch_size} is larger than the {len(split)} training examples; "
-                            "use a smaller batch size (--set batch_size=N)")
+        if train:  # it drops the last partial batch, so a split smaller than one batch gives none
+            check_sizes(len(split), batch_size=batch_size)
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device, torch.int64)
@@ -378,13 +398,13 @@ class DeviceLoader:
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        self._gen.manual_seed(_derive_seed(self.seed, 3, epoch))
+        self._gen.manual_seed(_derive_seed(self.seed, SHUFFLE_STREAM, epoch))
         return torch.randperm(len(self.labels), generator=self._gen, device=self.device)
 
     def _make(self, idx: torch.Tensor | slice, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[idx]
         if self.train and self.augment:
-            x = self._crop_flip(x, _derive_seed(self.seed, 4, epoch, batch))
+            x = self._crop_flip(x, _derive_seed(self.seed, AUGMENT_STREAM, epoch, batch))
         x = x.float().sub_(self._shift).div_(self._scale)  # == (x/255 - mean) / std
         return x, self.labels[idx]
 

@@ -1,9 +1,10 @@
 """How a study's runs are executed: inline, in spawned worker processes, or as Ray tasks.
 
-Each launcher calls ``train(cfg, parent_run_id=..., extra_tags=...)`` once per run and hands
-an ``Outcome`` to ``on_done`` in the parent process, which does all study bookkeeping. The
-MLflow store, experiment and parent run already exist when a launcher starts (created once
-in the parent: concurrent first writers would race on the SQLite schema).
+Each launcher hands every run to ``train_run``, which trains it (``train.train``) and turns
+whatever happened into an ``Outcome``; the outcome goes to ``on_done`` in the parent process,
+which does all study bookkeeping. The MLflow store, experiment and parent run already exist
+when a launcher starts (created once in the parent: concurrent first writers would race on
+the SQLite schema).
 """
 
 from __future__ import annotations
@@ -17,24 +18,60 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
 from .errors import UserError
+from .models import parse_model_name
+from .studyfile import StudyRun
+from .train import train
 
-if TYPE_CHECKING:
-    from .study import Outcome
-    from .studyfile import StudyRun
 
-OnDone = Callable[["Outcome"], None]
+@dataclass
+class Outcome:
+    """How one run of a study ended, as the study reports it."""
+
+    run: StudyRun
+    status: str  # FINISHED / FAILED / KILLED / SKIPPED
+    run_id: str | None  # None when the run failed before its MLflow run existed (or it is not known yet)
+    metrics: dict[str, float]
+    reason: str | None
+    seconds: float
+
+
+OnDone = Callable[[Outcome], None]
+
+
+def train_run(run: StudyRun, cfg: TrainConfig, parent_id: str, tags: dict[str, str], *,
+              interrupted: str | None = None) -> Outcome:
+    """Train ``run`` with ``cfg`` (its config, placed on a device) as a child of ``parent_id``;
+    any exception becomes a FAILED outcome, so one failing run never stops the others.
+
+    ``interrupted`` is how a Ctrl-C / cancellation is reported (workers and Ray tasks: their
+    run ends KILLED); None lets it through (inline: Ctrl-C stops the whole study).
+    """
+    t0 = time.perf_counter()
+    try:
+        r = train(cfg, parent_run_id=parent_id, extra_tags=tags)
+        return Outcome(run, r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        return Outcome(run, "KILLED", None, {}, interrupted, time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - any failure of one run: record it, go on with the next
+        return Outcome(run, "FAILED", None, {}, _reason(e), time.perf_counter() - t0)
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:2000]
 
 
 def run_cost(run: StudyRun) -> float:
     """A run's compute relative to the other runs of its study, for the ETA: depth x images seen."""
-    from .models import parse_model_name
-
     cfg = run.cfg
     iterations = cfg.iterations or (cfg.epochs or 1) * (cfg.train_size or 50_000) // cfg.batch_size
     return parse_model_name(cfg.model).depth * iterations * cfg.batch_size * (cfg.resize or 28) ** 2
@@ -102,36 +139,14 @@ class Reporter:
         self.bar.close()
 
 
-def _reason(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:2000]
-
-
-def _outcome(run: StudyRun, status: str, run_id: str | None, metrics: dict[str, float], reason: str | None,
-             seconds: float) -> Outcome:
-    from .study import Outcome
-
-    return Outcome(run, status, run_id, metrics, reason, seconds)
-
-
 # ---------------------------------------------------------------- inline (--jobs 1)
 
 def run_inline(runs: list[StudyRun], parent_id: str, tags: dict[str, str], reporter: Reporter,
                on_done: OnDone, device: str) -> None:
     """One run after another in this process (per-run progress bars stay on)."""
-    from .train import train
-
     for run in runs:
-        cfg = dataclasses.replace(run.cfg, device=device)
         reporter.started(run, device)
-        t0 = time.perf_counter()
-        try:
-            r = train(cfg, parent_run_id=parent_id, extra_tags=tags)
-            outcome = _outcome(run, r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure of one run: record it, go on with the next
-            outcome = _outcome(run, "FAILED", None, {}, _reason(e), time.perf_counter() - t0)
-        on_done(outcome)
+        on_done(train_run(run, dataclasses.replace(run.cfg, device=device), parent_id, tags))
 
 
 # ---------------------------------------------------------------- worker processes (--jobs N)
@@ -150,33 +165,45 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
-def _worker(conn: Any, cfg: TrainConfig, parent_id: str, tags: dict[str, str], threads: int | None) -> None:
-    """Entry point of a spawned worker: train one run, send back how it ended."""
+def _worker(conn: Any, run: StudyRun, cfg: TrainConfig, parent_id: str, tags: dict[str, str],
+            threads: int | None) -> None:
+    """Entry point of a spawned worker: train one run, send back its outcome."""
     _watch_parent()
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
-    from .train import train
-
-    t0 = time.perf_counter()
     try:
-        r = train(cfg, parent_run_id=parent_id, extra_tags=tags)
-        conn.send((r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0))
-    except KeyboardInterrupt:
-        conn.send(("KILLED", None, {}, "interrupted (Ctrl-C)", time.perf_counter() - t0))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which marks the run FAILED
-        conn.send(("FAILED", None, {}, _reason(e), time.perf_counter() - t0))
+        conn.send(train_run(run, cfg, parent_id, tags, interrupted="interrupted (Ctrl-C)"))
     finally:
         conn.close()
 
 
-def _receive(conn: Any) -> Any:
-    """The worker's message, or False when its end closed without one (the process died)."""
-    try:
-        return conn.recv()
-    except (EOFError, OSError):
-        return False
+@dataclass
+class _Worker:
+    """A spawned process training one run, and its end of the pipe the outcome comes back on."""
+
+    run: StudyRun
+    proc: Any  # multiprocessing.Process
+    conn: Any  # multiprocessing.connection.Connection
+    device: str
+    started: float
+    outcome: Outcome | None = None
+    listening: bool = True  # False once the outcome came, or the pipe closed without one (the process died)
+
+    def receive(self) -> None:
+        try:
+            self.outcome = self.conn.recv()
+        except (EOFError, OSError):
+            pass
+        self.listening = False
+
+    def ended(self) -> Outcome:
+        """Its outcome once the process exited; a FAILED one when it died without sending any."""
+        self.proc.join()
+        if self.listening and self.conn.poll():
+            self.receive()
+        self.conn.close()
+        return self.outcome or Outcome(self.run, "FAILED", None, {}, f"worker process died with exit code "
+                                       f"{self.proc.exitcode}", time.perf_counter() - self.started)
 
 
 def cpu_count() -> int:
@@ -192,69 +219,50 @@ def run_processes(runs: list[StudyRun], parent_id: str, tags: dict[str, str], re
     (least busy first). CPU workers split the cores between them."""
     ctx = multiprocessing.get_context("spawn")
     pending = deque(runs)
-    active: dict[Any, dict[str, Any]] = {}  # process sentinel -> state
+    active: dict[Any, _Worker] = {}  # process sentinel -> worker
     busy = {d: 0 for d in devices}
     threads = max(1, cpu_count() // jobs)
     try:
         while pending or active:
             while pending and len(active) < jobs:
-                run = pending.popleft()
                 device = min(devices, key=lambda d: busy[d])
                 busy[device] += 1
-                recv, send = ctx.Pipe(duplex=False)
-                cfg = dataclasses.replace(run.cfg, device=device, progress=False)
-                proc = ctx.Process(target=_worker, name=f"study-{run.name}", daemon=True,
-                                   args=(send, cfg, parent_id, tags, threads if device == "cpu" else None))
-                proc.start()
-                send.close()
-                active[proc.sentinel] = {"run": run, "proc": proc, "conn": recv, "device": device,
-                                         "t0": time.perf_counter(), "msg": None}
-                reporter.started(run, f"{device} (pid {proc.pid})")
-            waitables = list(active) + [st["conn"] for st in active.values() if st["msg"] is None]
-            ready = multiprocessing.connection.wait(waitables)
-            for st in active.values():
-                if st["msg"] is None and st["conn"] in ready:
-                    st["msg"] = _receive(st["conn"])
-            for sentinel in [s for s, st in active.items() if not st["proc"].is_alive()]:
-                st = active.pop(sentinel)
-                st["proc"].join()
-                if st["msg"] is None and st["conn"].poll():
-                    st["msg"] = _receive(st["conn"])
-                st["conn"].close()
-                busy[st["device"]] -= 1
-                seconds = time.perf_counter() - st["t0"]
-                if st["msg"]:
-                    status, run_id, metrics, reason, seconds = st["msg"]
-                else:
-                    status, run_id, metrics = "FAILED", None, {}
-                    reason = f"worker process died with exit code {st['proc'].exitcode}"
-                on_done(_outcome(st["run"], status, run_id, metrics, reason, seconds))
+                worker = _start_worker(ctx, pending.popleft(), device, parent_id, tags, threads)
+                active[worker.proc.sentinel] = worker
+                reporter.started(worker.run, f"{device} (pid {worker.proc.pid})")
+            ready = multiprocessing.connection.wait(list(active) + [w.conn for w in active.values() if w.listening])
+            for worker in active.values():
+                if worker.listening and worker.conn in ready:
+                    worker.receive()
+            for sentinel in [s for s, w in active.items() if not w.proc.is_alive()]:
+                worker = active.pop(sentinel)
+                busy[worker.device] -= 1
+                on_done(worker.ended())
     except KeyboardInterrupt:
         # Ctrl-C reached the workers too (same process group): give them time to mark their runs KILLED.
-        for st in active.values():
-            st["proc"].join(timeout=30)
-            if st["proc"].is_alive():
-                st["proc"].terminate()
+        for worker in active.values():
+            worker.proc.join(timeout=30)
+            if worker.proc.is_alive():
+                worker.proc.terminate()
         raise
+
+
+def _start_worker(ctx: Any, run: StudyRun, device: str, parent_id: str, tags: dict[str, str],
+                  threads: int) -> _Worker:
+    recv, send = ctx.Pipe(duplex=False)
+    cfg = dataclasses.replace(run.cfg, device=device, progress=False)
+    proc = ctx.Process(target=_worker, name=f"study-{run.name}", daemon=True,
+                       args=(send, run, cfg, parent_id, tags, threads if device == "cpu" else None))
+    proc.start()
+    send.close()
+    return _Worker(run, proc, recv, device, time.perf_counter())
 
 
 # ---------------------------------------------------------------- Ray (--launcher ray)
 
-Message = tuple[str, str | None, dict, str | None, float]  # status, run id, metrics, reason, seconds
-
-
-def _ray_task(cfg: TrainConfig, parent_id: str, tags: dict[str, str]) -> Message:
+def _ray_task(run: StudyRun, parent_id: str, tags: dict[str, str]) -> Outcome:
     """One training as a Ray task (runs on whichever node Ray picks)."""
-    from .train import train
-
-    t0 = time.perf_counter()
-    try:
-        r = train(cfg, parent_run_id=parent_id, extra_tags=tags)
-        return r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0
-    except KeyboardInterrupt:
-        return "KILLED", None, {}, "interrupted (Ray task cancelled)", time.perf_counter() - t0
-    except Exception as e:  # noqa: BLE001 - reported to the driver, which marks the run FAILED
-        return "FAILED", None, {}, _reason(e), time.perf_counter() - t0
+    return train_run(run, run.cfg, parent_id, tags, interrupted="interrupted (Ray task cancelled)")
 
 
 class RayLauncher:
@@ -317,19 +325,18 @@ class RayLauncher:
                 while pending and (max_in_flight is None or len(in_flight) < max_in_flight):
                     run = pending.popleft()
                     task = remote.options(**opts, max_retries=0, name=f"train {run.name}")
-                    ref = task.remote(run.cfg, parent_id, tags)
+                    ref = task.remote(run, parent_id, tags)
                     in_flight[ref] = (run, time.perf_counter())
                     reporter.started(run, "Ray", verb="submitted to")
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
                     run, t0 = in_flight.pop(ref)
                     try:
-                        status, run_id, metrics, reason, seconds = ray.get(ref)
+                        outcome = ray.get(ref)
                     except Exception as e:  # noqa: BLE001 - the worker died or Ray failed: the run failed
                         cause = getattr(e, "cause", None) or e
-                        status, run_id, metrics, reason, seconds = ("FAILED", None, {}, _reason(cause),
-                                                                    time.perf_counter() - t0)
-                    on_done(_outcome(run, status, run_id, metrics, reason, seconds))
+                        outcome = Outcome(run, "FAILED", None, {}, _reason(cause), time.perf_counter() - t0)
+                    on_done(outcome)
         except KeyboardInterrupt:
             for ref in in_flight:
                 ray.cancel(ref)  # KeyboardInterrupt in the task: train marks its run KILLED

@@ -139,9 +139,14 @@ class ModelSpec:
         return "A" if self.family == "cifar" else "B"
 
 
+def canonical_name(name: str) -> str:
+    """``" ResNet-20"`` -> ``"resnet-20"``: the one spelling a config, its run, tags and a study's plan use."""
+    return name.strip().lower()
+
+
 def parse_model_name(name: str) -> ModelSpec:
     """Parse ``plain-N`` / ``resnet-N``; N is 6n+2 (CIFAR family) or 18/34 (ImageNet family)."""
-    m = re.fullmatch(r"(plain|resnet)-(\d+)", name.strip().lower())
+    m = re.fullmatch(r"(plain|resnet)-(\d+)", canonical_name(name))
     if not m:
         raise UserError(
             f"unknown model {name!r}: use plain-N or resnet-N with N = 6n+2 (20, 32, 44, 56, 110, 1202, ...) or 18/34"

@@ -9,8 +9,9 @@ smaller signals (Fig. 7). These probes measure both claims while training runs:
 * ``gradient_flow``: ||dL/dx|| at the input of every block on a fixed batch.
 * ``layer_responses``: std of each 3x3 conv's output after BN (He et al. Fig. 7).
 
-``Probes`` ties them to the training loop: ``on_backward`` every step, ``on_eval`` at each
-evaluation, ``drain`` for MLflow, ``tables``/``write_tables`` for the full history.
+``Probes`` ties them to the training loop: ``on_backward`` every step, ``measure`` at each
+probe point (initialisation, each evaluation, the end), ``drain`` for MLflow,
+``tables``/``write_tables`` for the full history.
 """
 
 from __future__ import annotations
@@ -228,8 +229,8 @@ def tidy_table(iterations: list[int], values: np.ndarray, layers: list[str],
 
 
 @dataclass
-class _EvalSeries:
-    """One eval-time probe's history: a value per layer at each ``on_eval`` iteration."""
+class _PointSeries:
+    """One probe-point series' history: a value per layer at each ``measure`` iteration."""
 
     prefix: str
     layers: list[str] = field(default_factory=list)
@@ -250,8 +251,8 @@ class _EvalSeries:
 class Probes:
     """The training loop's single handle on all probes.
 
-    ``on_backward(it)`` every step (cheap, no sync); ``on_eval(it)`` at init, each evaluation
-    and the end; ``drain()`` at each log interval -> (metric, value, step) for MLflow, with
+    ``on_backward(it)`` every step (cheap, no sync); ``measure(it)`` at each probe point (init,
+    each evaluation and the end); ``drain()`` at each log interval -> (metric, value, step) for MLflow, with
     grad norms only at the latest measured step; ``tables()`` keeps everything.
     """
 
@@ -262,10 +263,13 @@ class Probes:
         self.model, self.enabled = model, enabled
         self.response_batches = response_batches
         self.probe_batch = tuple(t.to(device) for t in probe_batch) if probe_batch is not None and enabled else None
-        self.grad = (GradNormProbe(model, device=device, grad_every=grad_every,
-                                   capacity=max(log_every, 1) // grad_every + 1) if enabled else None)
+        # A device buffer holds one log window's rows: steps 0, g, 2g, ... of a window of L steps are
+        # at most ceil(L / g) <= L // g + 1 rows, so a window between two drains fills at most one buffer.
+        rows_per_window = max(log_every, 1) // grad_every + 1
+        self.grad = (GradNormProbe(model, device=device, grad_every=grad_every, capacity=rows_per_window)
+                     if enabled else None)
         self._drained_step: int | None = None
-        self._flow, self._resp = _EvalSeries("grad_flow"), _EvalSeries("response_std")
+        self._flow, self._resp = _PointSeries("grad_flow"), _PointSeries("response_std")
         self._pending: list[tuple[str, float, int]] = []
 
     def on_backward(self, iteration: int) -> None:
@@ -273,8 +277,8 @@ class Probes:
         if self.grad is not None:
             self.grad.record(iteration)
 
-    def on_eval(self, iteration: int) -> None:
-        """Gradient flow on the probe batch and layer responses; syncs, so call it rarely."""
+    def measure(self, iteration: int) -> None:
+        """A probe point: gradient flow on the probe batch and layer responses; syncs, so call it rarely."""
         if not self.enabled:
             return
         if self.probe_batch is not None:
@@ -299,7 +303,7 @@ class Probes:
     def state_dict(self) -> dict:
         """Everything measured so far, on the host, so a resumed run writes the same tables.
 
-        Pending eval metrics are part of it: a checkpoint taken between ``on_eval`` and
+        Pending eval metrics are part of it: a checkpoint taken between ``measure`` and
         ``drain`` must not lose them.
         """
         g = self.grad
@@ -314,7 +318,7 @@ class Probes:
             g._full, g._pending_iters = [], []
             g._host, g.iterations = [np.asarray(state["grad_rows"])], list(state["grad_iterations"])
         self._drained_step, self._pending = state["drained_step"], list(state["pending"])
-        self._flow, self._resp = _EvalSeries(**state["flow"]), _EvalSeries(**state["resp"])
+        self._flow, self._resp = _PointSeries(**state["flow"]), _PointSeries(**state["resp"])
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """Tidy tables of everything so far: iteration, layer, layer_index, [group], value.

@@ -6,37 +6,43 @@ sure the data is there, and only then create the MLflow store, experiment and pa
 once, in this process (concurrent first writers would race on the SQLite schema). Then skip
 children already FINISHED with the same ``config_hash``, and train the rest inline, in worker
 processes (``--jobs``) or as Ray tasks; ``train`` resumes a run from its checkpoint by itself.
-The study file format is in ``resnet_lab.studyfile``.
+The study file format is in ``resnet_lab.studyfile``; how runs are launched in ``resnet_lab.launch``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_path
-from .config import TrainConfig
-from .errors import UserError
-from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
+import torch
 
-DEBIAN_PACKAGE = "dataset-fashion-mnist"
+from . import launch
+from .checkpoint import checkpoint_path
+from .checkpoint import load as load_checkpoint
+from .config import TrainConfig
+from .data import check_sizes, load_dataset
+from .errors import UserError
+from .launch import Outcome, Reporter
+from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
+from .tracking import (RunTracker, absolute_uri, connect, display_uri, get_or_create_experiment, resolve_tracking_uri,
+                       search_all_runs)
+from .train import total_iterations
 
 
 # ---------------------------------------------------------------- data
 
 def ensure_data(study: Study) -> None:
-    """Make sure every dataset the study needs is here (download, else Debian's package), and
-    check each run's sizes against it, so data problems are one UserError before any run."""
-    from .data import load_dataset
+    """Make sure every dataset the study needs is here (found or downloaded), and check each
+    run's sizes against it, so data problems are one UserError before any run.
 
+    Installing Debian's ``dataset-fashion-mnist`` is the Makefile's ``data`` target: a library
+    does not install system packages.
+    """
     groups: dict[tuple[str, str | None, str], list[TrainConfig]] = {}
     for run in study.runs:
         groups.setdefault((run.cfg.dataset, run.cfg.data_dir, run.cfg.data_root), []).append(run.cfg)
@@ -44,88 +50,26 @@ def ensure_data(study: Study) -> None:
         try:
             data = load_dataset(dataset, data_dir=data_dir, data_root=data_root, download=True)
         except UserError as e:
-            if not _may_install(dataset, data_dir):
-                raise UserError(f"{study.path}: {e}") from None
-            _install_fashion_mnist()
-            data = load_dataset(dataset, data_dir=data_dir, data_root=data_root, download=False)
+            raise UserError(f"{study.path}: {e}") from None
         for cfg in cfgs:
             _check_sizes(study, cfg, len(data.train))
 
 
-def _may_install(dataset: str, data_dir: str | None) -> bool:
-    """Fashion-MNIST found nowhere and no explicit directory given: Debian's package can help."""
-    from .data import DEBIAN_FASHION_MNIST_DIR
-
-    return dataset == "fashion-mnist" and data_dir is None and not os.environ.get("FASHION_MNIST_DIR") \
-        and not any(DEBIAN_FASHION_MNIST_DIR.glob("train-images-idx3-ubyte*"))
-
-
-def _install_prefix() -> list[str] | None:
-    """[] when root, ['sudo', '-n'] when passwordless sudo works, None when installing is not allowed."""
-    if shutil.which("apt-get") is None:
-        return None
-    if os.geteuid() == 0:
-        return []
-    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
-        return ["sudo", "-n"]
-    return None
-
-
-def _install_fashion_mnist() -> None:
-    """``apt-get install dataset-fashion-mnist`` (after ``apt-get update`` if the first try fails)."""
-    manual = f"sudo apt-get install {DEBIAN_PACKAGE}"
-    prefix = _install_prefix()
-    if prefix is None:
-        raise UserError(f"Fashion-MNIST is not on this machine and could not be downloaded: run '{manual}' "
-                        "(or set FASHION_MNIST_DIR / data_dir in [train]) and start the study again")
-    install = [*prefix, "apt-get", "install", "-y", "-q", DEBIAN_PACKAGE]
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    print(f"resnet-lab study: Fashion-MNIST is not on this machine and could not be downloaded; "
-          f"installing Debian's {DEBIAN_PACKAGE}: {' '.join(install)}", file=sys.stderr, flush=True)
-    result = subprocess.run(install, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        subprocess.run([*prefix, "apt-get", "update", "-q"], capture_output=True, text=True, env=env)
-        result = subprocess.run(install, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        tail = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1][:200]
-        raise UserError(f"installing {DEBIAN_PACKAGE} failed ({tail}): run '{manual}' by hand "
-                        "(or set FASHION_MNIST_DIR) and start the study again")
-
-
 def _check_sizes(study: Study, cfg: TrainConfig, full_train: int) -> None:
     """val_size, train_size, batch_size and an epoch schedule against the dataset's real size."""
-    from .train import total_iterations
-
     where = f"{study.path}: {cfg.name}{' (cpu scale)' if study.scale == 'cpu' else ''}:"
-    if cfg.val_size >= full_train:
-        raise UserError(f"{where} val_size {cfg.val_size} leaves none of the {full_train} {cfg.dataset} "
-                        "training examples for training")
-    left = full_train - cfg.val_size
-    if cfg.train_size is not None and cfg.train_size > left:
-        raise UserError(f"{where} train_size {cfg.train_size} exceeds the {left} {cfg.dataset} training "
-                        f"examples left after val_size {cfg.val_size}")
-    examples = cfg.train_size or left
-    if cfg.batch_size > examples:
-        raise UserError(f"{where} batch_size {cfg.batch_size} is larger than the {examples} training examples")
     try:
+        examples = check_sizes(full_train, val_size=cfg.val_size, train_size=cfg.train_size,
+                               batch_size=cfg.batch_size)
         cfg.resolved(total_iterations(cfg, examples))
     except UserError as e:
-        raise UserError(f"{where} {e}") from None
+        raise UserError(f"{where} {cfg.dataset}: {e}") from None
 
 
 # ---------------------------------------------------------------- MLflow bookkeeping
 
-def absolute_uri(uri: str) -> str:
-    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db``, so workers in other directories agree."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return uri
-
-
 def _search_all(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
     """Every active run matching ``filter_string``, newest first."""
-    from .tracking import search_all_runs
-
     return search_all_runs(client, experiment_id, filter_string, order_by=["attributes.start_time DESC"])
 
 
@@ -133,41 +77,35 @@ def _children_filter(study: Study) -> str:
     return f"tags.kind = 'train' and tags.study = '{study.name}' and tags.scale = '{study.scale}'"
 
 
-def open_parent(client: Any, experiment_id: str, study: Study) -> tuple[str, bool]:
-    """Create the study's parent run, or reopen the existing one of this study+scale (RUNNING).
-
-    MLflow params cannot change, so a reopened parent keeps its first params (new keys are
-    added) and says which changed; the study file artifact is always the current one.
+def open_parent(client: Any, experiment_id: str, study: Study, uri: str) -> tuple[RunTracker, bool]:
+    """Create the study's parent run, or reopen the existing one of this study+scale (RUNNING);
+    True when reopened. The study file artifact is always the current one.
     """
-    from mlflow.entities import Param
-
     tags = {"kind": "study", "study": study.name, "scale": study.scale, "study_file": str(study.path)}
     if study.description:
         tags["mlflow.note.content"] = study.description
     existing = _search_all(client, experiment_id, f"tags.kind = 'study' and tags.study = '{study.name}' "
                                                   f"and tags.scale = '{study.scale}'")
-    params = study.params()
-    if not existing:
-        run_id = client.create_run(experiment_id, run_name=study.name, tags=tags).info.run_id
-        reused = False
+    parent = RunTracker.reopen(uri, existing[0].info.run_id, client, finished_too=True) if existing else None
+    if parent is None:
+        parent = RunTracker.create(uri, study.name, study.name, params=study.params(), tags=tags, client=client)
     else:
-        run_id = existing[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-        old = existing[0].data.params
-        changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
-        if changed:
-            print(f"resnet-lab study: the study's settings changed since parent run {run_id} was created "
-                  f"({', '.join(changed[:8])}); the run keeps its first params, the study file artifact "
-                  "is the current one", file=sys.stderr)
-        params = {k: v for k, v in params.items() if k not in old}
-        reused = True
-    items = [Param(k, v) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
-    client.log_artifact(run_id, str(study.path), "study")
-    return run_id, reused
+        parent.set_tags(tags)
+        parent.log_params(_new_params(existing[0], study))
+    parent.log_artifacts([(Path(study.path), "study")])
+    return parent, bool(existing)
+
+
+def _new_params(parent: Any, study: Study) -> dict[str, str]:
+    """The study's params the parent run does not have yet. MLflow params cannot change, so a
+    reopened parent keeps its first values; say which ones changed."""
+    old, params = parent.data.params, study.params()
+    changed = sorted(k for k, v in params.items() if k in old and old[k] != v)
+    if changed:
+        print(f"resnet-lab study: the study's settings changed since parent run {parent.info.run_id} was created "
+              f"({', '.join(changed[:8])}); the run keeps its first params, the study file artifact "
+              "is the current one", file=sys.stderr)
+    return {k: v for k, v in params.items() if k not in old}
 
 
 @dataclass
@@ -182,20 +120,16 @@ class Plan:
 
 def _checkpointed_run(cfg: TrainConfig) -> tuple[str, int] | None:
     """(MLflow run id, iteration) of the checkpoint ``train`` would resume ``cfg`` from, if any."""
-    import torch
-
-    from .checkpoint import load
-
     path = checkpoint_path(cfg)
     if path is None or not path.exists():
         return None
     try:
-        state = load(path, torch.device("cpu"))
+        saved = load_checkpoint(path, torch.device("cpu"))
     except UserError:
         return None  # train() reports the unreadable checkpoint when it gets there
-    if state.get("config_hash") != cfg.config_hash():
+    if saved.get("config_hash") != cfg.config_hash():
         return None
-    return state["run_id"], int(state["iteration"])
+    return saved["run_id"], int(saved["iteration"])
 
 
 def plan_runs(client: Any, experiment_id: str, study: Study) -> Plan:
@@ -239,16 +173,6 @@ def settle_failed(client: Any, experiment_id: str, study: Study, run: StudyRun, 
 # ---------------------------------------------------------------- running
 
 @dataclass
-class Outcome:
-    run: StudyRun
-    status: str  # FINISHED / FAILED / KILLED / SKIPPED
-    run_id: str | None
-    metrics: dict[str, float]
-    reason: str | None
-    seconds: float
-
-
-@dataclass
 class StudyResult:
     study: Study
     parent_run_id: str
@@ -283,8 +207,6 @@ def parse_devices(text: str | None) -> list[str] | None:
         raise UserError(f"--devices expects GPU indices like 0,1, got {text!r}")
     if len(set(items)) < len(items):
         raise UserError(f"--devices lists a GPU twice: {text!r}")
-    import torch
-
     if not torch.cuda.is_available():
         raise UserError(f"--devices {text} asks for GPUs but CUDA is not available here; leave --devices out "
                         "to train on CPU")
@@ -295,17 +217,9 @@ def parse_devices(text: str | None) -> list[str] | None:
     return [f"cuda:{t}" for t in items]
 
 
-def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None, devices: str | None = None,
-              launcher: str = "local", address: str | None = None, gpus_per_run: float | None = None,
-              tracking_uri: str | None = None, progress: bool = True, dry_run: bool = False) -> StudyResult | None:
-    """Validate, get the data, open the parent run, train what is not done yet, report.
-
-    Every UserError (bad file, bad option, missing data, unreachable store) is raised before
-    the MLflow store, experiment or parent run is created.
-    """
-    from . import launch
-    from .tracking import resolve_tracking_uri
-
+def _check_options(scale: str, jobs: int | None, devices: str | None, launcher: str, address: str | None,
+                   gpus_per_run: float | None) -> float:
+    """The study command's options, each against the others; returns the GPUs per Ray run."""
     if scale not in ("auto", *SCALES):
         raise UserError(f"--scale must be auto, cpu or full, got {scale!r}")
     if launcher not in ("local", "ray"):
@@ -320,16 +234,37 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
     gpus_per_run = 1.0 if gpus_per_run is None else gpus_per_run
     if not (0 < gpus_per_run <= 64):
         raise UserError(f"--gpus-per-run must be a positive number of GPUs (e.g. 1 or 0.25), got {gpus_per_run}")
+    return gpus_per_run
+
+
+def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None, devices: str | None = None,
+              launcher: str = "local", address: str | None = None, gpus_per_run: float | None = None,
+              tracking_uri: str | None = None, progress: bool = True, dry_run: bool = False) -> StudyResult | None:
+    """Validate, get the data, open the parent run, train what is not done yet, report.
+
+    Every UserError (bad file, bad option, missing data, unreachable store) is raised before
+    the MLflow store, experiment or parent run is created.
+    """
+    gpus_per_run = _check_options(scale, jobs, devices, launcher, address, gpus_per_run)
     scales = load_scales(path)  # validates both scales
     uri = absolute_uri(resolve_tracking_uri(tracking_uri))
     device_list = parse_devices(devices) if launcher == "local" else None
     if launcher == "ray" and address and not uri.startswith(("http://", "https://")):
-        print(f"resnet-lab study: warning: Ray workers on other nodes cannot reach the tracking store {uri}; "
-              "use an MLflow server (--tracking-uri http://HOST:5000)", file=sys.stderr)
+        print(f"resnet-lab study: warning: Ray workers on other nodes cannot reach the tracking store "
+              f"{display_uri(uri)}; use an MLflow server (--tracking-uri http://HOST:5000)", file=sys.stderr)
 
     ray_pool = launch.RayLauncher.connect(address, gpus_per_run) if launcher == "ray" and not dry_run else None
     try:
-        return _run(scales, path, scale, jobs, device_list, ray_pool, uri, progress, dry_run)
+        study = _pick_scale(scales, path, scale, ray_pool)
+        jobs = jobs or (len(device_list) if device_list else 1)
+        default_device = _default_device(ray_pool)
+        study.runs = _placed(study.runs, uri, default_device, progress=progress and jobs == 1 and ray_pool is None,
+                             absolute_paths=ray_pool is not None)
+        if dry_run:
+            _print_runs(study)
+            return None
+        ensure_data(study)
+        return _train_study(study, uri, jobs, device_list or [default_device], ray_pool, progress)
     finally:
         if ray_pool is not None:
             ray_pool.close()
@@ -339,13 +274,7 @@ def _pick_scale(scales: dict[str, Study], path: str | Path, scale: str, ray_pool
     """``auto``: full where CUDA is (here, or in the Ray cluster), else the file's [cpu] scale, said loudly."""
     if scale != "auto":
         return scales[scale]
-    if ray_pool is not None:
-        has_gpu = ray_pool.gpus > 0
-    else:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    if has_gpu:
+    if _default_device(ray_pool) == "cuda":
         return scales["full"]
     where = "in the Ray cluster" if ray_pool is not None else "here"
     cpu, full = scales["cpu"], scales["full"]
@@ -359,84 +288,98 @@ def _pick_scale(scales: dict[str, Study], path: str | Path, scale: str, ray_pool
     return scales["cpu"]
 
 
-def _run(scales: dict[str, Study], path: str | Path, scale: str, jobs: int | None, device_list: list[str] | None,
-         ray_pool: Any, uri: str, progress: bool, dry_run: bool) -> StudyResult | None:
-    from . import launch
-    from .tracking import connect, get_or_create_experiment
+def _default_device(ray_pool: Any) -> str:
+    """cuda where a GPU is (here, or in the Ray cluster), else cpu."""
+    has_gpu = ray_pool.gpus > 0 if ray_pool is not None else torch.cuda.is_available()
+    return "cuda" if has_gpu else "cpu"
 
-    study = _pick_scale(scales, path, scale, ray_pool)
-    if jobs is None:
-        jobs = len(device_list) if device_list else 1
-    if ray_pool is None:
-        import torch
 
-        default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        default_device = "cuda" if ray_pool.gpus > 0 else "cpu"
-    devices = device_list or [default_device]
-    absolute = ray_pool is not None  # Ray workers may start in another directory
-    study.runs = [dataclasses.replace(r, cfg=dataclasses.replace(
-        r.cfg, tracking_uri=uri, progress=progress and jobs == 1 and ray_pool is None, device=default_device,
-        **({"checkpoint_dir": str(Path(r.cfg.checkpoint_dir).resolve()),
-            "data_root": str(Path(r.cfg.data_root).resolve())} if absolute else {}))) for r in study.runs]
-    if dry_run:
-        print(f"study {study.name} ({study.scale} scale, {study.path}): {len(study.runs)} runs")
-        for r in study.runs:
-            print(f"  [{r.index}/{len(study.runs)}] {r.name}  config_hash {r.config_hash}")
-        return None
+def _placed(runs: list[StudyRun], uri: str, device: str, *, progress: bool, absolute_paths: bool) -> list[StudyRun]:
+    """The runs with this study's store, device and progress bars; with absolute folders for Ray
+    workers, which may start in another directory. None of these change a run's config_hash."""
+    def place(cfg: TrainConfig) -> TrainConfig:
+        folders = {"checkpoint_dir": str(Path(cfg.checkpoint_dir).resolve()),
+                   "data_root": str(Path(cfg.data_root).resolve())} if absolute_paths else {}
+        return dataclasses.replace(cfg, tracking_uri=uri, progress=progress, device=device, **folders)
 
-    ensure_data(study)
+    return [dataclasses.replace(r, cfg=place(r.cfg)) for r in runs]
+
+
+def _print_runs(study: Study) -> None:
+    print(f"study {study.name} ({study.scale} scale, {study.path}): {len(study.runs)} runs")
+    for r in study.runs:
+        print(f"  [{r.index}/{len(study.runs)}] {r.name}  config_hash {r.config_hash}")
+
+
+def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool: Any,
+                 progress: bool) -> StudyResult:
+    """Open the parent run, plan, train what is left under it, and close it with how the study ended."""
     client = connect(uri)  # from here on the store exists
     experiment_id = get_or_create_experiment(client, study.name, uri)
-    parent_id, reused = open_parent(client, experiment_id, study)
+    parent, reused = open_parent(client, experiment_id, study, uri)
     started = time.perf_counter()
-    outcomes: dict[int, Outcome] = {}
+    ledger = _Ledger(study, client, experiment_id)
     try:
         plan = plan_runs(client, experiment_id, study)
-        for index, run in plan.done.items():
-            outcomes[index] = Outcome(study.runs[index - 1], "SKIPPED", run.info.run_id, dict(run.data.metrics),
-                                      "already finished", 0.0)
-        _banner(study, uri, parent_id, reused, plan, jobs, ray_pool, devices)
+        _banner(study, uri, parent.run_id, reused, plan, jobs, ray_pool, devices)
         in_flight = jobs if jobs > 1 else None
         slots = ray_pool.slots(in_flight) if ray_pool is not None else jobs
-        reporter = launch.Reporter(study.runs, set(plan.done), study.name, progress, slots, notes=plan.resume)
-        for index in sorted(plan.done):
-            reporter.line(f"[{index}/{len(study.runs)}] {study.runs[index - 1].name} skipped: already finished "
-                          f"(run {plan.done[index].info.run_id})")
-
-        def on_done(o: Outcome) -> None:
-            if o.status != "FINISHED" and o.run_id is None:
-                o.run_id = settle_failed(client, experiment_id, study, o.run, o.reason or o.status)
-            outcomes[o.run.index] = o
-            head = f"[{o.run.index}/{len(study.runs)}] {o.run.name}"
-            if o.status == "FINISHED":
-                reporter.done(o.run, f"{head} finished in {fmt_seconds(o.seconds)}: {_errors(o.metrics)}")
-            else:
-                reporter.done(o.run, f"{head} {o.status} after {fmt_seconds(o.seconds)}: {o.reason}")
-
+        ledger.start(plan, Reporter(study.runs, set(plan.done), study.name, progress, slots, notes=plan.resume))
         tags = {"kind": "train", "study": study.name, "scale": study.scale}
         if ray_pool is not None:
-            ray_pool.run(plan.todo, parent_id, tags, reporter, on_done, max_in_flight=in_flight)
+            ray_pool.run(plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done, max_in_flight=in_flight)
         elif jobs == 1:
-            launch.run_inline(plan.todo, parent_id, tags, reporter, on_done, devices[0])
+            launch.run_inline(plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done, devices[0])
         else:
-            launch.run_processes(plan.todo, parent_id, tags, reporter, on_done, jobs, devices)
-        reporter.close()
+            launch.run_processes(plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done, jobs, devices)
+        ledger.reporter.close()
     except KeyboardInterrupt:
-        client.set_tag(parent_id, "failed_runs", str(sum(o.status not in ("FINISHED", "SKIPPED")
-                                                         for o in outcomes.values())))
-        client.set_terminated(parent_id, "KILLED")
+        parent.set_tags({"failed_runs": str(len(ledger.failed()))})
+        parent.finish("KILLED")
         raise
     except BaseException as e:
-        client.set_tag(parent_id, "failure_reason", f"{type(e).__name__}: {e}"[:5000])
-        client.set_terminated(parent_id, "FAILED")
+        parent.finish("FAILED", reason=f"{type(e).__name__}: {e}")
         raise
-    result = StudyResult(study, parent_id, [outcomes[r.index] for r in study.runs if r.index in outcomes],
-                         time.perf_counter() - started)
-    client.set_tag(parent_id, "failed_runs", str(len(result.failed)))
-    client.set_terminated(parent_id, "FINISHED")
+    result = StudyResult(study, parent.run_id, ledger.in_order(), time.perf_counter() - started)
+    parent.set_tags({"failed_runs": str(len(result.failed))})
+    parent.finish("FINISHED")
     print_summary(result)
     return result
+
+
+class _Ledger:
+    """The study's outcomes as they come in: skipped runs first, then each ended run, reported
+    one line each; a run that failed without an MLflow run id is looked up and settled FAILED."""
+
+    def __init__(self, study: Study, client: Any, experiment_id: str) -> None:
+        self.study, self.client, self.experiment_id = study, client, experiment_id
+        self.outcomes: dict[int, Outcome] = {}
+        self.reporter: Reporter | None = None
+
+    def start(self, plan: Plan, reporter: Reporter) -> None:
+        self.reporter = reporter
+        total = len(self.study.runs)
+        for index, run in sorted(plan.done.items()):
+            self.outcomes[index] = Outcome(self.study.runs[index - 1], "SKIPPED", run.info.run_id,
+                                           dict(run.data.metrics), "already finished", 0.0)
+            reporter.line(f"[{index}/{total}] {self.study.runs[index - 1].name} skipped: already finished "
+                          f"(run {run.info.run_id})")
+
+    def on_done(self, o: Outcome) -> None:
+        if o.status != "FINISHED" and o.run_id is None:
+            o.run_id = settle_failed(self.client, self.experiment_id, self.study, o.run, o.reason or o.status)
+        self.outcomes[o.run.index] = o
+        head = f"[{o.run.index}/{len(self.study.runs)}] {o.run.name}"
+        if o.status == "FINISHED":
+            self.reporter.done(o.run, f"{head} finished in {fmt_seconds(o.seconds)}: {_errors(o.metrics)}")
+        else:
+            self.reporter.done(o.run, f"{head} {o.status} after {fmt_seconds(o.seconds)}: {o.reason}")
+
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes.values() if o.status not in ("FINISHED", "SKIPPED")]
+
+    def in_order(self) -> list[Outcome]:
+        return [self.outcomes[r.index] for r in self.study.runs if r.index in self.outcomes]
 
 
 def _banner(study: Study, uri: str, parent_id: str, reused: bool, plan: Plan, jobs: int,
@@ -446,7 +389,7 @@ def _banner(study: Study, uri: str, parent_id: str, reused: bool, plan: Plan, jo
     resuming = f" ({len(plan.resume)} resuming from checkpoints)" if plan.resume else ""
     print(f"study {study.name} ({study.scale} scale, {study.path}): {len(study.runs)} runs, "
           f"{len(plan.done)} already finished, {len(plan.todo)} to train{resuming}; {where}; "
-          f"tracking {uri}, parent run {parent_id}{' (reused)' if reused else ''}", flush=True)
+          f"tracking {display_uri(uri)}, parent run {parent_id}{' (reused)' if reused else ''}", flush=True)
     if plan.killed:
         print(f"marked {len(plan.killed)} run(s) left RUNNING without a checkpoint KILLED: {', '.join(plan.killed)}",
               flush=True)

@@ -43,6 +43,7 @@ from typing import Any
 
 from .config import TrainConfig, apply
 from .errors import UserError
+from .models import parse_model_name
 
 SCALES = ("cpu", "full")
 ARCHS = {"plain": "plain", "resnet": "resnet", "residual": "resnet"}  # study arch -> model name prefix
@@ -61,7 +62,9 @@ SET_BY_STUDY = {
 }
 TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
-Layer = tuple[str, dict[str, Any]]  # (table label as written in the file, its settings)
+# A table of TrainConfig values as the file gives it: (its label, e.g. "cpu.train", its settings).
+# A run's config is its tables applied in order ([train], [cpu.train], [overrides.MODEL], ...).
+SettingsTable = tuple[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,8 @@ def _param(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
-class _Where:
-    """Builds the one-line errors: '<file>: <message>'."""
+class _FileError:
+    """Makes the one-line errors about one study file: ``err("msg")`` is UserError('<file>: msg')."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
@@ -133,7 +136,7 @@ def load_study(path: str | Path, scale: str = "full") -> Study:
 def load_scales(path: str | Path) -> dict[str, Study]:
     """Both scales of a study file, each expanded and validated; any problem is one UserError."""
     path = Path(path)
-    err = _Where(path)
+    err = _FileError(path)
     data = _read(path)
     _check_keys(data, TOP_KEYS, "", err, "a study has name, description, archs, depths, models, seeds, "
                 "[train], [overrides.MODEL] and [cpu]")
@@ -181,13 +184,13 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _expand(name: str, path: Path, scale: str, description: str, grid: dict[str, list[Any]], models: list[str],
-            base: list[Layer], overrides: list[tuple[str, dict[str, dict[str, Any]]]], err: _Where) -> Study:
+            base: list[SettingsTable], overrides: list[tuple[str, dict[str, dict[str, Any]]]], err: _FileError) -> Study:
     """One scale: a validated config per model, then seed by seed, model by model."""
     per_model: dict[str, TrainConfig] = {}
     effective: dict[str, dict[str, Any]] = {}
     for model in models:
-        layers = base + [(f"{label}.{model}", tables[model]) for label, tables in overrides if model in tables]
-        per_model[model] = _build(model, layers, " (cpu scale)" if scale == "cpu" else "", err)
+        own = base + [(f"{label}.{model}", tables[model]) for label, tables in overrides if model in tables]
+        per_model[model] = _build(model, own, " (cpu scale)" if scale == "cpu" else "", err)
         merged = {k: v for label, tables in overrides if model in tables for k, v in tables[model].items()}
         if merged:
             effective[model] = merged
@@ -200,16 +203,16 @@ def _expand(name: str, path: Path, scale: str, description: str, grid: dict[str,
                  train=train, overrides=effective, runs=runs)
 
 
-def _build(model: str, layers: list[Layer], scale_note: str, err: _Where) -> TrainConfig:
-    """``model``'s config from the layers in order, validated as a whole; an invalid result is
-    blamed on the first table after which the config is invalid (that table names the key)."""
+def _build(model: str, tables: list[SettingsTable], scale_note: str, err: _FileError) -> TrainConfig:
+    """``model``'s config from its settings tables in order, validated as a whole; an invalid result
+    is blamed on the first table after which the config is invalid (that table names the key)."""
     cfgs = [TrainConfig(model=model)]
-    for label, table in layers:
+    for label, table in tables:
         cfgs.append(_apply(cfgs[-1], table, label, err))
     try:
         return cfgs[-1].validate()
     except UserError as final:
-        for (label, _), cfg in zip(layers, cfgs[1:]):
+        for (label, _), cfg in zip(tables, cfgs[1:]):
             try:
                 cfg.validate()
             except UserError as e:
@@ -218,7 +221,7 @@ def _build(model: str, layers: list[Layer], scale_note: str, err: _Where) -> Tra
         raise err(f"{model}{scale_note}: {final}") from None
 
 
-def _apply(cfg: TrainConfig, table: dict[str, Any], label: str, err: _Where) -> TrainConfig:
+def _apply(cfg: TrainConfig, table: dict[str, Any], label: str, err: _FileError) -> TrainConfig:
     """``cfg`` with one table of TrainConfig fields applied (not yet validated)."""
     for key in table:
         if key in SET_BY_STUDY:
@@ -228,25 +231,13 @@ def _apply(cfg: TrainConfig, table: dict[str, Any], label: str, err: _Where) -> 
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise err(f"[{label}] unknown key {key!r}{hint}: the keys are TrainConfig fields, "
                       "see 'resnet-lab train --help-config'")
-    values = dict(table)
-    if "iterations" in values and "epochs" in values and not _is_none(values["iterations"]) \
-            and not _is_none(values["epochs"]):
-        raise err(f"[{label}] sets both iterations and epochs: give one (setting one unsets the other)")
-    if "epochs" in values and not _is_none(values["epochs"]):
-        values.setdefault("iterations", None)
-    elif "iterations" in values and not _is_none(values["iterations"]):
-        values.setdefault("epochs", None)
     try:
-        return apply(cfg, values, f"[{label}]")
+        return apply(cfg, table, f"[{label}]")
     except UserError as e:
         raise err(f"[{label}] {e}") from None
 
 
-def _is_none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
-
-
-def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], label: str, err: _Where, what: str) -> None:
+def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], label: str, err: _FileError, what: str) -> None:
     for key in table:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
@@ -256,21 +247,21 @@ def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], label: str, err
             raise err(f"{label}unknown key {key!r}{hint}: {what}")
 
 
-def _string(table: dict[str, Any], key: str, label: str, err: _Where) -> str | None:
+def _string(table: dict[str, Any], key: str, label: str, err: _FileError) -> str | None:
     value = table.get(key)
     if value is not None and not isinstance(value, str):
         raise err(f"{label}{key} must be a string, got {value!r}")
     return value
 
 
-def _table(parent: dict[str, Any], label: str, err: _Where) -> dict[str, Any]:
+def _table(parent: dict[str, Any], label: str, err: _FileError) -> dict[str, Any]:
     value = parent.get(label.split(".")[-1], {})
     if not isinstance(value, dict):
         raise err(f"{label} must be a table ([{label}]) of training settings, got {value!r}")
     return value
 
 
-def _grid_settings(table: dict[str, Any], label: str, err: _Where) -> dict[str, list[Any]]:
+def _grid_settings(table: dict[str, Any], label: str, err: _FileError) -> dict[str, list[Any]]:
     """archs, depths, models, seeds of one table, type-checked (defaults for the missing ones)."""
     out: dict[str, list[Any]] = {"archs": ["plain", "resnet"], "depths": [], "models": [], "seeds": [0]}
     kinds = {"archs": str, "depths": int, "models": str, "seeds": int}
@@ -303,16 +294,14 @@ def _grid_settings(table: dict[str, Any], label: str, err: _Where) -> dict[str, 
     return out
 
 
-def _model_name(name: str, label: str, err: _Where) -> str:
-    from .models import parse_model_name
-
+def _model_name(name: str, label: str, err: _FileError) -> str:
     try:
         return parse_model_name(name).name
     except UserError as e:
         raise err(f"{label}{e}") from None
 
 
-def _expand_models(grid: dict[str, list[Any]], labels: dict[str, str], err: _Where) -> list[str]:
+def _expand_models(grid: dict[str, list[Any]], labels: dict[str, str], err: _FileError) -> list[str]:
     """archs x depths (depth by depth, plain before resnet), then the explicit models."""
     def label(key: str) -> str:
         return labels.get(key, "")
@@ -335,7 +324,7 @@ def _expand_models(grid: dict[str, list[Any]], labels: dict[str, str], err: _Whe
     return names
 
 
-def _overrides(table: dict[str, Any], key: str, models: list[str], err: _Where) -> dict[str, dict[str, Any]]:
+def _overrides(table: dict[str, Any], key: str, models: list[str], err: _FileError) -> dict[str, dict[str, Any]]:
     """[overrides.MODEL] tables, keyed by normalised model name; each names a model of the study."""
     raw = table.get("overrides", {})
     if not isinstance(raw, dict):

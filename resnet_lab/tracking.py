@@ -38,18 +38,49 @@ T = TypeVar("T")
 Point = tuple[str, float, int]  # (metric name, value, step)
 
 
+# ---------------------------------------------------------------- tracking URIs (the one place they are parsed)
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///mlflow.db`` in the working dir."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def is_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite URI (``sqlite:///rel.db`` -> ``rel.db``, ``sqlite:////abs.db`` ->
+    ``/abs.db``, any ``?query`` dropped); None for other stores and in-memory databases."""
+    if not is_sqlite(uri):
+        return None
+    name = uri.split("://", 1)[-1].split("?", 1)[0]
+    name = name[1:] if name.startswith("/") else name
+    return None if name in ("", ":memory:") else Path(name)
+
+
+def absolute_uri(uri: str) -> str:
+    """``sqlite:///rel.db`` -> ``sqlite:////abs/rel.db``, so workers in other directories agree."""
+    db = sqlite_path(uri)
+    if db is None or db.is_absolute():
+        return uri
+    query = uri.partition("?")[2]
+    return f"sqlite:///{db.resolve()}" + (f"?{query}" if query else "")
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` without its ``user:password@`` part, for messages and reports."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def _artifact_root(uri: str) -> str | None:
     """For a SQLite store, keep artifacts beside the database file (``mlartifacts/``), so a
     store is one self-contained folder; a tracking server chooses its own location."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return (db.resolve().parent / "mlartifacts").as_uri()
-    return None
+    db = sqlite_path(uri)
+    return (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
 
 
 def git_commit(cwd: Path | None = None) -> tuple[str, bool]:
@@ -118,12 +149,9 @@ def _check_sqlite_location(uri: str) -> None:
     Checked here because MLflow would first make the parent folders, then retry opening an
     uncreatable file ten times with exponential backoff (~100 s) before raising.
     """
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         return
-    name = uri[len("sqlite:///"):].split("?", 1)[0]
-    if name in ("", ":memory:"):
-        return
-    db = Path(name)
     if db.exists():
         if not db.is_file():
             raise UserError(f"the MLflow store {db} ({uri}) is not a file; point --tracking-uri at a .db file")
@@ -144,15 +172,6 @@ def search_all_runs(client: Any, experiment_id: str, filter_string: str = "",
         token = page.token
         if not token:
             return out
-
-
-def display_uri(uri: str) -> str:
-    """``uri`` without a password, for messages."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _first_line(e: BaseException) -> str:
@@ -320,21 +339,21 @@ class RunTracker:
     def create(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
                tags: dict[str, str], client: Any | None = None) -> "RunTracker":
         """A new run with ``params`` (in batches of MLflow's limit) and ``tags``."""
-        from mlflow.entities import Param
-
         client = client or connect(uri)
         experiment_id = get_or_create_experiment(client, experiment, uri)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         tracker = cls(client, run.info.run_id, uri)
-        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            tracker._retry("log params", client.log_batch, run.info.run_id,
-                           params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+        tracker.log_params(params)
         return tracker
 
     @classmethod
-    def reopen(cls, uri: str, run_id: str, client: Any | None = None) -> "RunTracker | None":
-        """The existing run ``run_id`` set back to RUNNING; None if it is gone or finished."""
+    def reopen(cls, uri: str, run_id: str, client: Any | None = None, *,
+               finished_too: bool = False) -> "RunTracker | None":
+        """The existing run ``run_id`` set back to RUNNING; None if it is gone, or FINISHED.
+
+        A finished training is never reopened (a rerun must not add to it); a study's parent
+        run is (``finished_too``): each rerun of the study continues it.
+        """
         from mlflow.exceptions import MlflowException
 
         client = client or connect(uri)
@@ -343,10 +362,19 @@ class RunTracker:
             run = tracker._retry("read the run", client.get_run, run_id)
         except MlflowException:  # deleted, or from another store: start afresh
             return None
-        if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED":
+        if run.info.lifecycle_stage != "active" or (run.info.status == "FINISHED" and not finished_too):
             return None
         tracker._retry("reopen the run", client.update_run, run_id, status="RUNNING")
         return tracker
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params in batches of MLflow's limit (MLflow params cannot change once logged)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._retry("log params", self.client.log_batch, self.run_id,
+                        params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
 
     def last_step(self, key: str) -> int:
         """The highest step of ``key`` already stored (-1 if none): what a resumed run must not log again."""

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path, remove_stale_temps, save_atomic
+from .checkpoint import load as load_checkpoint
 from .config import TrainConfig
-from .data import Dataset, DeviceLoader, load_dataset
+from .data import Dataset, DeviceLoader, check_sizes, load_dataset
 from .errors import UserError, check_can_create
 from .models import ResNet, build_model, count_parameters
 from .probes import Probes
-from .checkpoint import FORMAT_VERSION, Interrupted, StopFlag, checkpoint_path, remove_stale_temps, save_atomic
-from .checkpoint import load as load_checkpoint
 from .tracking import RunTracker, git_commit, resolve_tracking_uri
 
 
@@ -47,14 +47,11 @@ def select_device(name: str) -> torch.device:
 
 
 def total_iterations(cfg: TrainConfig, train_examples: int) -> int:
-    """``iterations``, or ``epochs`` x full batches per epoch (the d2l form)."""
-    if cfg.epochs is None:
-        assert cfg.iterations is not None
-        return cfg.iterations
-    per_epoch = train_examples // cfg.batch_size
-    if per_epoch == 0:
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the {train_examples} training examples; lower it")
-    return cfg.epochs * per_epoch
+    """``iterations``, or ``epochs`` x full batches per epoch (the d2l form).
+
+    ``train_examples`` has passed ``data.check_sizes`` (at least one batch), so an epoch has a step.
+    """
+    return cfg.iterations if cfg.epochs is None else cfg.epochs * (train_examples // cfg.batch_size)
 
 
 def lr_at(cfg: TrainConfig, iteration: int) -> float:
@@ -64,15 +61,25 @@ def lr_at(cfg: TrainConfig, iteration: int) -> float:
     return cfg.lr * cfg.lr_decay ** sum(iteration >= m for m in cfg.milestones or [])
 
 
+def mixed_precision(device: torch.device) -> bool:
+    """bf16 autocast on CUDA (tensor cores); fp32 on CPU (these CPUs have no bf16 units)."""
+    return device.type == "cuda"
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA (cuDNN's fast layout for convolutions); the default layout on CPU."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader, amp: bool) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: DeviceLoader) -> tuple[float, float]:
     """(mean loss, error %) over the whole split; sums stay on the device until the end."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=loader.device)
     n = 0  # counted on the host: sizes are known without asking the device
     for x, y in loader:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed_precision(x.device)):
             logits = model(x)
         total += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(1) != y).sum()])
         n += len(y)
@@ -83,9 +90,16 @@ def evaluate(model: nn.Module, loader: DeviceLoader, amp: bool) -> tuple[float, 
 
 @dataclass
 class Setup:
-    """Everything built and validated before an MLflow run exists."""
+    """Everything built and validated before an MLflow run exists.
+
+    ``cfg`` is the resolved config (milestones filled in) and the only one training sees. The
+    config as given is used for the run's identity alone, taken here before resolving: its
+    ``config_hash`` (what a study matches finished runs on) and its checkpoint path.
+    """
 
     cfg: TrainConfig
+    config_hash: str
+    checkpoint: Path | None  # None when checkpoints are off
     device: torch.device
     data: Dataset
     model: ResNet
@@ -101,28 +115,27 @@ def prepare(cfg: TrainConfig) -> Setup:
     device = select_device(cfg.device)
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, data_root=cfg.data_root, val_size=cfg.val_size,
                         seed=cfg.seed, resize=cfg.resize, train_size=cfg.train_size)
+    check_sizes(len(data.train), batch_size=cfg.batch_size)
     iterations = total_iterations(cfg, len(data.train))
-    cfg = cfg.resolved(iterations)
-    if len(data.train) < cfg.batch_size:
-        raise UserError(f"batch_size {cfg.batch_size} is larger than the {len(data.train)} training examples; lower it")
-    torch.manual_seed(cfg.seed)
+    resolved = cfg.resolved(iterations)
+    torch.manual_seed(cfg.seed)  # the same seed gives plain-n and resnet-n the same initial weights
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         shortcut=cfg.shortcut, zero_init_residual=cfg.zero_init_residual)
-    return Setup(cfg, device, data, model, iterations)  # cfg here is the resolved copy
+    return Setup(resolved, cfg.config_hash(), checkpoint_path(cfg), device, data, model, iterations)
 
 
-def run_tags(s: Setup) -> dict[str, str]:
+def run_tags(setup: Setup) -> dict[str, str]:
     commit, dirty = git_commit()
-    spec = s.model.spec
-    device_name = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu"
+    spec, cfg = setup.model.spec, setup.cfg
+    device_name = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "cpu"
     return {
-        "mlflow.runName": s.cfg.name, "model": spec.name, "arch": spec.arch, "depth": str(spec.depth),
-        "family": spec.family, "shortcut": s.model.shortcut_option if spec.residual else "none",
-        "dataset": s.cfg.dataset, "seed": str(s.cfg.seed), "device": device_name,
+        "mlflow.runName": cfg.name, "model": spec.name, "arch": spec.arch, "depth": str(spec.depth),
+        "family": spec.family, "shortcut": setup.model.shortcut_option if spec.residual else "none",
+        "dataset": cfg.dataset, "seed": str(cfg.seed), "device": device_name,
         "torch_version": torch.__version__, "git_commit": commit, "git_dirty": str(dirty).lower(),
-        "mlflow.source.git.commit": commit, "num_parameters": str(count_parameters(s.model)),
-        "train_examples": str(len(s.data.train)), "data_source": s.data.source,
-        "total_iterations": str(s.iterations),
+        "mlflow.source.git.commit": commit, "num_parameters": str(count_parameters(setup.model)),
+        "train_examples": str(len(setup.data.train)), "data_source": setup.data.source,
+        "total_iterations": str(setup.iterations), "config_hash": setup.config_hash,
     }
 
 
@@ -135,20 +148,11 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dic
     If a checkpoint of the same config exists, the run continues from it in the same MLflow
     run; metric steps already stored are not logged again.
     """
-    s = prepare(cfg)
-    uri = resolve_tracking_uri(cfg.tracking_uri)
-    ckpt_path = checkpoint_path(cfg)
-    state = _resumable_state(ckpt_path, cfg.config_hash(), s.device)
-    tracker = RunTracker.reopen(uri, state["run_id"]) if state else None
-    if tracker is None:
-        state = None
-        tags = run_tags(s) | {"config_hash": cfg.config_hash()} | (extra_tags or {})
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        tracker = RunTracker.create(uri, s.cfg.experiment, s.cfg.name, params=s.cfg.to_dict(), tags=tags)
+    setup = prepare(cfg)  # from here on only setup.cfg, the resolved config, is used
+    tracker, saved = _open_run(setup, parent_run_id, extra_tags or {})
     try:
         with StopFlag() as stop:
-            result = _loop(s, tracker, stop, ckpt_path, cfg.config_hash(), state)
+            result = _loop(setup, tracker, stop, saved)
     except Interrupted as e:
         tracker.finish("KILLED", reason=f"interrupted by {e}; rerun to resume from the checkpoint")
         raise
@@ -159,126 +163,156 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dic
         tracker.finish("FAILED", reason=f"{type(e).__name__}: {e}")
         raise
     tracker.finish(result.status, result.reason)
-    if ckpt_path is not None:
-        ckpt_path.unlink(missing_ok=True)
-        remove_stale_temps(ckpt_path)
+    if setup.checkpoint is not None:
+        setup.checkpoint.unlink(missing_ok=True)
+        remove_stale_temps(setup.checkpoint)
     return result
 
 
-def _resumable_state(path: Path | None, config_hash: str, device: torch.device) -> dict | None:
+def _open_run(setup: Setup, parent_run_id: str | None, extra_tags: dict[str, str]) -> tuple[RunTracker, dict | None]:
+    """The MLflow run a checkpoint of this config names (reopened, with the checkpoint), else a new run."""
+    uri = resolve_tracking_uri(setup.cfg.tracking_uri)
+    saved = _resumable_checkpoint(setup)
+    tracker = RunTracker.reopen(uri, saved["run_id"]) if saved else None
+    if tracker is not None:
+        return tracker, saved
+    tags = run_tags(setup) | extra_tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
+    return RunTracker.create(uri, setup.cfg.experiment, setup.cfg.name, params=setup.cfg.to_dict(), tags=tags), None
+
+
+def _resumable_checkpoint(setup: Setup) -> dict | None:
+    path = setup.checkpoint
     if path is None or not path.exists():
         return None
-    state = load_checkpoint(path, device)
-    return state if state.get("config_hash") == config_hash else None
+    saved = load_checkpoint(path, setup.device)
+    return saved if saved.get("config_hash") == setup.config_hash else None
 
 
-def _loop(s: Setup, tracker: RunTracker, stop: StopFlag, ckpt_path: Path | None, config_hash: str,
-          state: dict | None) -> TrainResult:
-    cfg, device, model, data = s.cfg, s.device, s.model, s.data
-    cuda = device.type == "cuda"
-    if cuda:
+def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None) -> TrainResult:
+    cfg, total = setup.cfg, setup.iterations
+    state, step_model, eval_loaders = _start(setup)
+    # Resume exactly where the checkpoint left off (steps MLflow already has are not logged again),
+    # or take the probes' first point, at initialisation.
+    logged_upto = -1
+    if saved:
+        state.restore(saved)
+        logged_upto = tracker.last_step("train/loss")
+    else:
+        state.probes.measure(0)
+    batches = state.loader.batches()
+    bar = tqdm(total=total, initial=state.iteration, desc=cfg.name, unit="it", disable=not cfg.progress,
+               dynamic_ncols=True)
+    window_start = time.perf_counter()
+    while state.iteration < total:
+        # One SGD step; nothing is read back to the host, so a GPU never waits for Python.
+        lr = train_step(step_model, state, cfg, next(batches))
+        done = state.iteration
+        # Every log_every iterations: one host read, the evaluation when due, one batch of metrics to MLflow.
+        if done % cfg.log_every == 0 or done == total:
+            steps = state.window_iters
+            diverged = log_and_evaluate(state, eval_loaders, tracker, lr, time.perf_counter() - window_start,
+                                        evaluate_now=done % cfg.eval_every == 0 or done == total,
+                                        log=done > logged_upto)
+            _show(bar, state.last, steps)
+            if diverged:
+                bar.close()
+                reason = f"diverged: non-finite training loss between iterations {done - steps} and {done}"
+                return TrainResult(tracker.run_id, "FAILED", done, state.last, reason)
+            window_start = time.perf_counter()
+            # A checkpoint every checkpoint_every iterations (the last one is the finished run).
+            if setup.checkpoint is not None and done % cfg.checkpoint_every == 0 and done < total:
+                _checkpoint(setup, state, tracker)
+        # Ctrl-C / SIGTERM: stop between iterations, checkpointed, so a rerun continues from here.
+        if stop.signum is not None:
+            bar.close()
+            _checkpoint(setup, state, tracker)
+            raise Interrupted(stop.signum, done)
+    bar.close()
+    _log_final_artifacts(tracker, state.model, cfg, state.probes)
+    return TrainResult(tracker.run_id, "FINISHED", total, state.last)
+
+
+def _start(setup: Setup) -> tuple[TrainState, nn.Module, dict[str, DeviceLoader]]:
+    """A fresh state on the device, the model the step runs (compiled or not) and the eval loaders."""
+    cfg, device, data = setup.cfg, setup.device, setup.data
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    fmt = torch.channels_last if cuda else torch.contiguous_format
-    model.to(device, memory_format=fmt).train()
+    model = setup.model.to(device, memory_format=memory_format(device)).train()
     step_model = torch.compile(model) if cfg.compile else model  # the step only: probes and eval stay eager
-    opt = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    train_loader = DeviceLoader(data.train, batch_size=cfg.batch_size, device=device, mean=data.mean, std=data.std,
-                                train=True, augment=cfg.augment, seed=cfg.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    loader = DeviceLoader(data.train, batch_size=cfg.batch_size, device=device, mean=data.mean, std=data.std,
+                          train=True, augment=cfg.augment, seed=cfg.seed)
     eval_loaders = {name: DeviceLoader(split, batch_size=cfg.eval_batch_size, device=device, mean=data.mean,
                                        std=data.std, train=False)
                     for name, split in (("test", data.test), ("val", data.val)) if split is not None}
     probes = make_probes(cfg, model, device, eval_loaders["test"])
-    stats = torch.zeros(2, device=device)  # loss sum and errors since the last log, kept on the device
-    start, window_iters, last, logged_upto = 0, 0, {}, -1
-
-    def snapshot(done: int) -> dict:
-        return {"version": FORMAT_VERSION, "run_id": tracker.run_id, "config_hash": config_hash, "iteration": done,
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "loader": train_loader.state_dict(),
-                "probes": probes.state_dict(), "stats": stats.clone(), "window_iters": window_iters, "last": dict(last),
-                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None}
-
-    if state:  # resume: every piece of state that the next iteration depends on
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        train_loader.load_state_dict(state["loader"])
-        probes.load_state_dict(state["probes"])
-        stats.copy_(state["stats"])
-        start, window_iters, last = state["iteration"], state["window_iters"], state["last"]
-        torch.set_rng_state(state["rng"].cpu())
-        if cuda and state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
-        logged_upto = tracker.last_step("train/loss")  # log events up to here reached the store already
-    else:
-        probes.on_eval(0)
-
-    batches = train_loader.batches()
-    bar = tqdm(total=s.iterations, initial=start, desc=cfg.name, unit="it", disable=not cfg.progress, dynamic_ncols=True)
-    window_start = time.perf_counter()
-    for it in range(start, s.iterations):
-        x, y = next(batches)
-        lr = train_step(step_model, opt, probes, stats, cfg, it, x, y, amp=cuda, fmt=fmt)
-        window_iters += 1
-
-        done = it + 1
-        if done % cfg.log_every == 0 or done == s.iterations:
-            loss_sum, errors = stats.tolist()  # the one host read per log interval
-            stats.zero_()
-            elapsed = time.perf_counter() - window_start
-            points = [("train/loss", loss_sum / (window_iters * cfg.batch_size), done),
-                      ("train/error", 100.0 * errors / (window_iters * cfg.batch_size), done),
-                      ("lr", lr, done), ("perf/images_per_s", window_iters * cfg.batch_size / elapsed, done)]
-            diverged = not math.isfinite(loss_sum)
-            if not diverged and (done % cfg.eval_every == 0 or done == s.iterations):
-                for name, loader in eval_loaders.items():
-                    loss_v, err_v = evaluate(model, loader, cuda)
-                    points += [(f"{name}/loss", loss_v, done), (f"{name}/error", err_v, done)]
-                probes.on_eval(done)
-            points += probes.drain()
-            if done > logged_upto:
-                tracker.log(points)
-            _latest(last, points)
-            bar.update(window_iters)
-            bar.set_postfix(loss=f"{last['train/loss']:.3f}", err=f"{last['train/error']:.1f}%",
-                            img_s=f"{last['perf/images_per_s']:.0f}", refresh=False)
-            if diverged:
-                bar.close()
-                reason = f"diverged: non-finite training loss between iterations {done - window_iters} and {done}"
-                return TrainResult(tracker.run_id, "FAILED", done, last, reason)
-            window_start, window_iters = time.perf_counter(), 0
-            if ckpt_path is not None and done % cfg.checkpoint_every == 0 and done < s.iterations:
-                tracker.flush()  # what the checkpoint says was logged must be in the store first
-                save_atomic(snapshot(done), ckpt_path)
-        if stop.signum is not None:
-            bar.close()
-            if ckpt_path is not None:
-                tracker.flush()
-                save_atomic(snapshot(done), ckpt_path)
-            raise Interrupted(stop.signum, done)
-    bar.close()
-    _log_final_artifacts(tracker, model, cfg, probes)
-    return TrainResult(tracker.run_id, "FINISHED", s.iterations, last)
+    state = TrainState(model, optimizer, loader, probes, window=torch.zeros(2, device=device))
+    return state, step_model, eval_loaders
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, probes: Probes, stats: torch.Tensor, cfg: TrainConfig,
-               it: int, x: torch.Tensor, y: torch.Tensor, *, amp: bool, fmt: torch.memory_format) -> float:
-    """One SGD iteration; adds (loss sum, errors) to ``stats`` on the device and returns the lr.
+def train_step(model: nn.Module, state: TrainState, cfg: TrainConfig,
+               batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """One SGD iteration on ``batch``: the state's window gets (loss sum, errors) on the device, its
+    iteration count advances, and the lr used is returned. ``model`` is ``state.model`` or its compiled twin.
 
     Nothing here reads a value back to the host, so on CUDA the next step is queued at once.
     Shared with ``benchmarks/`` so the benchmarks time exactly this step.
     """
-    lr = lr_at(cfg, it)
-    for group in opt.param_groups:
+    x, y = batch
+    lr = lr_at(cfg, state.iteration)
+    for group in state.optimizer.param_groups:
         group["lr"] = lr
-    x = x.contiguous(memory_format=fmt)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+    x = x.contiguous(memory_format=memory_format(x.device))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed_precision(x.device)):
         logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
-    opt.zero_grad(set_to_none=True)
+    state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    probes.on_backward(it)
-    opt.step()
-    stats += torch.stack([loss.detach() * len(y), (logits.argmax(1) != y).sum()])
+    state.probes.on_backward(state.iteration)
+    state.optimizer.step()
+    state.window += torch.stack([loss.detach() * len(y), (logits.argmax(1) != y).sum()])
+    state.iteration += 1
+    state.window_iters += 1
     return lr
+
+
+def log_and_evaluate(state: TrainState, eval_loaders: dict[str, DeviceLoader], tracker: RunTracker, lr: float,
+                     seconds: float, *, evaluate_now: bool, log: bool) -> bool:
+    """End a log window: its train loss/error/lr/speed, the eval splits and probe points when
+    ``evaluate_now``, all as one batch to MLflow (unless ``log`` is false: a resumed run's
+    steps MLflow already has). Returns True when the training loss diverged (then no evaluation)."""
+    done, examples = state.iteration, state.window_iters * state.loader.batch_size
+    loss_sum, errors = state.window.tolist()  # the one host read per log window
+    state.window.zero_()
+    state.window_iters = 0
+    points = [("train/loss", loss_sum / examples, done), ("train/error", 100.0 * errors / examples, done),
+              ("lr", lr, done), ("perf/images_per_s", examples / seconds, done)]
+    diverged = not math.isfinite(loss_sum)
+    if evaluate_now and not diverged:
+        for name, loader in eval_loaders.items():
+            loss, error = evaluate(state.model, loader)
+            points += [(f"{name}/loss", loss, done), (f"{name}/error", error, done)]
+        state.probes.measure(done)
+    points += state.probes.drain()
+    if log:
+        tracker.log(points)
+    state.last.update({name: value for name, value, _ in points})
+    return diverged
+
+
+def _checkpoint(setup: Setup, state: TrainState, tracker: RunTracker) -> None:
+    """Save the state, once MLflow has every point logged so far: a checkpoint records what was logged."""
+    if setup.checkpoint is None:
+        return
+    tracker.flush()
+    save_atomic(state.capture(tracker.run_id, setup.config_hash), setup.checkpoint)
+
+
+def _show(bar: tqdm, last: dict[str, float], steps: int) -> None:
+    bar.update(steps)
+    bar.set_postfix(loss=f"{last['train/loss']:.3f}", err=f"{last['train/error']:.1f}%",
+                    img_s=f"{last['perf/images_per_s']:.0f}", refresh=False)
 
 
 def make_probes(cfg: TrainConfig, model: ResNet, device: torch.device, test_loader: DeviceLoader) -> Probes:
@@ -288,11 +322,6 @@ def make_probes(cfg: TrainConfig, model: ResNet, device: torch.device, test_load
     probe_batch = (first[0][: cfg.batch_size], first[1][: cfg.batch_size])
     return Probes(model, device=device, grad_every=cfg.grad_every, log_every=cfg.log_every,
                   probe_batch=probe_batch, response_batches=lambda: [first], enabled=cfg.probes)
-
-
-def _latest(last: dict[str, float], points: list[tuple[str, float, int]]) -> dict[str, float]:
-    last.update({name: value for name, value, _ in points})
-    return last
 
 
 def _log_final_artifacts(tracker: RunTracker, model: ResNet, cfg: TrainConfig, probes: Probes) -> None:

@@ -94,3 +94,21 @@ def test_compile_on_cpu_without_a_compiler_is_one_clear_error(monkeypatch: pytes
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
         TrainConfig(compile=True, device="cpu").validate()
+
+
+def test_giving_epochs_unsets_iterations_and_giving_both_is_an_error() -> None:
+    """iterations and epochs are two forms of the run length: the last one given wins, both at once is refused."""
+    cfg = apply(TrainConfig(), {"epochs": "3"}, "--set")
+    assert (cfg.iterations, cfg.epochs) == (None, 3) and cfg.validate()
+    cfg = apply(cfg, {"iterations": 500}, "the command line")
+    assert (cfg.iterations, cfg.epochs) == (500, None)
+    with pytest.raises(UserError, match="not both"):
+        apply(TrainConfig(), {"iterations": 10, "epochs": 2}, "--set")
+    assert apply(TrainConfig(), {"iterations": "none", "epochs": 2}, "--set").epochs == 2
+
+
+def test_model_names_are_canonical() -> None:
+    """--model RESNET-20 trains resnet-20: the config, its run name and its identity all say resnet-20."""
+    cfg = apply(TrainConfig(), {"model": " RESNET-20"}, "--set").validate()
+    assert cfg.model == "resnet-20" and cfg.name == "resnet-20-s0"
+    assert cfg.config_hash() == TrainConfig(model="resnet-20").config_hash()

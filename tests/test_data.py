@@ -252,6 +252,18 @@ def test_impossible_sizes_are_errors(kwargs: dict) -> None:
         load_dataset("synthetic", **kwargs)
 
 
+def test_check_sizes_counts_what_is_left_and_refuses_what_cannot_fit() -> None:
+    """Split and batch sizes are checked by one function: examples left = full - val, or the subset."""
+    assert data.check_sizes(2048) == 2048
+    assert data.check_sizes(2048, val_size=48, batch_size=2000) == 2000
+    assert data.check_sizes(2048, val_size=48, train_size=100, batch_size=100) == 100
+    for kwargs, words in [({"val_size": 2048}, "leaves no training data"),
+                          ({"val_size": 48, "train_size": 2001}, "exceeds the 2000"),
+                          ({"train_size": 100, "batch_size": 101}, "larger than the 100")]:
+        with pytest.raises(UserError, match=words):
+            data.check_sizes(2048, **kwargs)
+
+
 # ---------------------------------------------------------------- synthetic
 
 def test_synthetic_is_deterministic_and_learnable() -> None:

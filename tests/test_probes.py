@@ -234,7 +234,7 @@ def test_probes_disabled_do_nothing(tmp_path: Path) -> None:
     probes = Probes(model, device=CPU, probe_batch=(x, y), response_batches=lambda: [(x, y)], enabled=False)
     train_step(model, x, y)
     probes.on_backward(0)
-    probes.on_eval(0)
+    probes.measure(0)
     assert probes.drain() == [] and probes.write_tables(tmp_path) == []
     assert all(df.empty for df in probes.tables().values())
 
@@ -242,7 +242,7 @@ def test_probes_disabled_do_nothing(tmp_path: Path) -> None:
 def test_tables_round_trip_through_parquet(tmp_path: Path) -> None:
     model, (x, y) = net(), batch()
     probes = Probes(model, device=CPU, probe_batch=(x, y), response_batches=lambda: [(x, y)])
-    probes.on_eval(0)
+    probes.measure(0)
     train_step(model, x, y)
     probes.on_backward(0)
     names = {n for n, _, step in probes.drain() if step == 0}
@@ -291,7 +291,7 @@ def test_56_layers_at_init_on_fashion_mnist(name: str, fashion_batch, record_pro
     x, y = fashion_batch
     model = net(name)
     probes = Probes(model, device=CPU, probe_batch=(x, y), response_batches=lambda: [(x[:64], y[:64]), (x[64:], y[64:])])
-    probes.on_eval(0)
+    probes.measure(0)
     train_step(model, x, y)
     probes.on_backward(0)
     tables = probes.tables()

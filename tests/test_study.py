@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -142,33 +143,78 @@ def test_cli_data_problems_are_one_line_exit_2_and_no_store(tmp_path: Path, monk
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "checkpoints").exists()
 
 
-def test_missing_fashion_mnist_installs_debian_package_or_says_how(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """Found nowhere and not downloadable: install Debian's package when allowed, else one line with the command."""
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found nowhere and not downloadable: one line with the command (installing it is `make data`'s job)."""
     import resnet_lab.data as data
 
     study = load_scales(_study(tmp_path, train='dataset = "fashion-mnist"'))["cpu"]
-    installed: list[list[str]] = []
-    real_load = data.load_dataset
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "empty")
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
 
-    def load_dataset(name: str, **_: object) -> object:
-        if not installed:
-            raise UserError("Fashion-MNIST not found (download failed)")
-        return real_load("synthetic")
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data, "load_dataset", load_dataset)
-    monkeypatch.setattr(study_mod, "_install_prefix", lambda: None)
+    monkeypatch.setattr(data.torchvision.datasets.FashionMNIST, "download", offline)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="run 'sudo apt-get install dataset-fashion-mnist'"):
         ensure_data(study)
 
-    monkeypatch.setattr(study_mod, "_install_prefix", lambda: [])
-    monkeypatch.setattr(study_mod.subprocess, "run",
-                        lambda cmd, **_: installed.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
-    ensure_data(study)
-    assert installed == [["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]]
-    assert "installing Debian's dataset-fashion-mnist: apt-get install" in capsys.readouterr().err
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _make_data(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    """``make data`` with the given variables, the venv step skipped, and a fake ``sudo`` on the PATH."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "sudo").write_text('#!/bin/sh\n[ "$1" = -n ] && shift\nexec "$@"\n')
+    (fake / "sudo").chmod(0o755)
+    env = os.environ | {"PATH": f"{fake}:{os.environ['PATH']}"}
+    return subprocess.run(["make", "-s", "-C", str(REPO), "-o", "setup", "data",
+                           *[f"{k}={v}" for k, v in variables.items()]],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_data_installs_debian_package_when_it_may_or_says_how(tmp_path: Path) -> None:
+    """Fashion-MNIST needed and missing: `make data` installs Debian's package (as root or with
+    passwordless sudo), or, with no apt-get to use, says in one line how to get it."""
+    calls = tmp_path / "calls"
+    apt_get = tmp_path / "apt-get"
+    apt_get.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    apt_get.chmod(0o755)
+    missing = 'sh -c "exit 3"'
+    done = _make_data(tmp_path, FASHION_MNIST_MISSING=missing, APT_GET=str(apt_get))
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == ["install -y -q dataset-fashion-mnist"]
+    assert f"installing Debian's dataset-fashion-mnist: {apt_get} install" in done.stderr.replace("sudo -n ", "")
+
+    refused = _make_data(tmp_path, FASHION_MNIST_MISSING=missing, APT_GET=str(tmp_path / "no-apt-get"))
+    assert refused.returncode == 2
+    assert "run 'sudo apt-get install dataset-fashion-mnist'" in refused.stderr.splitlines()[0]
+
+    calls.unlink()
+    present = _make_data(tmp_path, FASHION_MNIST_MISSING="true", APT_GET=str(apt_get))
+    assert present.returncode == 0 and not calls.exists() and not present.stderr
+
+
+def test_make_data_asks_for_fashion_mnist_only_when_the_study_needs_it_and_it_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runpy
+
+    check = runpy.run_path(str(REPO / "scripts" / "fashion_mnist_missing.py"))
+    synthetic = _study(tmp_path, file="synthetic.toml")
+    fashion = _study(tmp_path, train='dataset = "fashion-mnist"', file="fashion.toml")
+    bad = _study(tmp_path, top="dephts = [8]", file="bad.toml")
+    loads: list[str] = []
+
+    def not_here(name: str, **_: object) -> None:
+        loads.append(name)
+        raise UserError("Fashion-MNIST not found (download failed)")
+
+    check["main"].__globals__["load_dataset"] = not_here
+    assert check["main"](str(synthetic)) == 0 and check["main"](str(bad)) == 0 and loads == []
+    assert check["main"](str(fashion)) == 3 and loads == ["fashion-mnist"]
 
 
 # ---------------------------------------------------------------- grid expansion

@@ -80,6 +80,12 @@ def test_divergence_marks_the_run_failed_with_the_reason(tracking_uri: str, caps
     assert "non-finite" in runs[0].data.tags["failure_reason"]
 
 
+def test_model_name_is_canonical_in_the_run(tracking_uri: str) -> None:
+    result = train(_cfg(tracking_uri, "canonical", model="ResNet-8", iterations=10, log_every=10, eval_every=10))
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert (run.info.run_name, run.data.params["model"], run.data.tags["model"]) == ("resnet-8-s0", "resnet-8", "resnet-8")
+
+
 def test_epochs_form_sets_the_run_length(tracking_uri: str) -> None:
     result = train(_cfg(tracking_uri, "epochs", iterations=None, epochs=1, batch_size=256, eval_every=1000))
     assert result.iterations == 2048 // 256
