@@ -72,5 +72,5 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None, what: str) -> None:
         raise UserError(f"{what}: needs a non-empty batch of inputs [N, ...], got shape {tuple(x.shape)}")
     if x.dtype == torch.uint8:
         raise UserError(f"{what}: images must be normalised floats (see diagnostics.common.subset), got uint8")
-    if y is not None and y.shape != x.shape[:1]:
+    if y is not None and y.shape[:1] != x.shape[:1]:
         raise UserError(f"{what}: {len(x)} images but labels of shape {tuple(y.shape)}")

@@ -9,7 +9,8 @@ the sd beside them.
   quotient changes by less than ``power_tolerance`` (relative) or after
   ``power_max_iterations``. Like PyHessian, it finds the eigenvalue of largest magnitude.
 * trace: Hutchinson's estimator mean(v^T H v) over Rademacher vectors v, drawn from a
-  seeded generator and multiplied in blocks of ``HUTCHINSON_BLOCK`` columns at once.
+  seeded generator and multiplied ``hutchinson_block`` columns at a time (one vmapped
+  pass per block: amortises the forward pass, bounds memory).
 
 Hessian-vector products come from curvlinops-for-pytorch's ``HessianLinearOperator``
 (forward-over-reverse double backprop through ``torch.func``, vmapped over columns), kept
@@ -34,9 +35,6 @@ from ..errors import UserError
 from .common import check_inputs, device_of, untouched
 from .settings import CurvatureSettings
 
-HUTCHINSON_BLOCK = 8  # columns per vmapped product: bounds memory, amortises the forward pass
-
-
 def hessian_operator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
                      loss: nn.Module) -> HessianLinearOperator:
     """The Hessian of ``loss`` (mean reduction) over (x, y) w.r.t. all trainable parameters."""
@@ -60,11 +58,12 @@ def power_iteration(H: HessianLinearOperator, settings: CurvatureSettings, gener
     return lam_prev, settings.power_max_iterations, False
 
 
-def hutchinson_trace(H: HessianLinearOperator, vectors: int, generator: torch.Generator, device: torch.device) -> float:
-    """mean over Rademacher v of v^T H v, the products done HUTCHINSON_BLOCK columns at a time."""
+def hutchinson_trace(H: HessianLinearOperator, vectors: int, block: int, generator: torch.Generator,
+                     device: torch.device) -> float:
+    """mean over Rademacher v of v^T H v, the products done ``block`` columns at a time."""
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, vectors, HUTCHINSON_BLOCK):
-        k = min(HUTCHINSON_BLOCK, vectors - start)
+    for start in range(0, vectors, block):
+        k = min(block, vectors - start)
         V = (torch.randint(0, 2, (H.shape[1], k), generator=generator) * 2 - 1).float().to(device)
         total += ((H @ V) * V).sum().double()
     return float(total) / vectors
@@ -90,7 +89,8 @@ def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Curv
             H = hessian_operator(model, x[part], y[part], settings.batch_size, loss)
             g = torch.Generator().manual_seed(_derive_seed(settings.seed, 18, s))
             lam, its, converged = power_iteration(H, settings, g, device)
-            rows.append((s, lam, hutchinson_trace(H, settings.hutchinson_vectors, g, device), its, converged))
+            trace = hutchinson_trace(H, settings.hutchinson_vectors, settings.hutchinson_block, g, device)
+            rows.append((s, lam, trace, its, converged))
     df = pd.DataFrame(rows, columns=["subset", "lambda_max", "trace", "iterations", "converged"])
     sd = df[["lambda_max", "trace"]].std(ddof=1) if len(df) > 1 else df[["lambda_max", "trace"]].iloc[0] * math.nan
     return df, {"diag/curvature/lambda_max": float(df.lambda_max.mean()), "diag/curvature/trace": float(df.trace.mean()),

@@ -65,11 +65,13 @@ class CurvatureSettings:
     power_max_iterations: int = 100
     power_tolerance: float = 1e-3
     hutchinson_vectors: int = 100
+    hutchinson_block: int = 8
     batch_size: int = 250
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "images", "subsets", "power_max_iterations", "hutchinson_vectors", "batch_size")
+        _positive(self, "images", "subsets", "power_max_iterations", "hutchinson_vectors", "hutchinson_block",
+                  "batch_size")
         if not 0 < self.power_tolerance < 1:
             raise UserError(f"diagnostics: CurvatureSettings.power_tolerance must be in (0, 1), got {self.power_tolerance!r}")
 

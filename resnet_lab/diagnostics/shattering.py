@@ -85,7 +85,7 @@ def depth_sweep(x: torch.Tensor, y: torch.Tensor, bn_images: torch.Tensor, setti
                 in_channels: int, num_classes: int) -> tuple[pd.DataFrame, dict[str, float]]:
     """rho(lag) at init for plain and resnet at every sweep depth and seed (nets built here).
 
-    Each (depth, seed) builds plain and resnet after the same ``torch.manual_seed(seed)``, so
+    Each (depth, seed) builds plain and resnet after the same ``torch.manual_seed(seed)`` (in a forked RNG), so
     they start from identical weights, as in training. Columns (arch, depth, seed, lag, rho);
     metrics ``diag/shattering/sweep/{plain|resnet}-{depth}/rho1``, mean over seeds.
     """
@@ -94,8 +94,10 @@ def depth_sweep(x: torch.Tensor, y: torch.Tensor, bn_images: torch.Tensor, setti
     for depth in settings.sweep_depths:
         for seed in range(settings.sweep_seeds):
             for arch in ("plain", "resnet"):
-                torch.manual_seed(seed)
-                model = build_model(f"{arch}-{depth}", in_channels=in_channels, num_classes=num_classes).to(device)
+                with torch.random.fork_rng(devices=[]):  # seed the build without touching the caller's RNG
+                    torch.manual_seed(seed)
+                    model = build_model(f"{arch}-{depth}", in_channels=in_channels, num_classes=num_classes)
+                model = model.to(device)
                 df, _ = shattering(model, x, y, bn_images, settings, moment="init")
                 frames.append(df.drop(columns="moment").assign(arch=arch, depth=depth, seed=seed))
     out = pd.concat(frames, ignore_index=True)[["arch", "depth", "seed", "lag", "rho"]]
