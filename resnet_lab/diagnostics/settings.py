@@ -116,10 +116,14 @@ class DiagnosticsSettings:
 
 
 FULL = DiagnosticsSettings()
+# Sized from unit costs (resnet-56 on 2 cores: ~2.6 ms per image forward, a Hessian-vector
+# product ~12 forwards): about 60 s of the four per 56-layer net, ~22 s per 20-layer one,
+# ~15 s for the sweep, i.e. ~3 min for the default study's four nets (docs/benchmarks.md).
 CPU = DiagnosticsSettings(
-    lesion=LesionSettings(test_images=256, draws=1, batch_size=256),
-    landscape=LandscapeSettings(train_images=128, line_points=9, grid=11, path_points=7, batch_size=128),
-    curvature=CurvatureSettings(images=32, power_max_iterations=20, hutchinson_vectors=8, batch_size=32),
-    shattering=ShatteringSettings(points=64, pairs=2, max_lag=8, bn_images=128, sweep_depths=(8, 14, 20, 32, 44, 56),
-                                  sweep_seeds=1, batch_size=64),
+    lesion=LesionSettings(test_images=256, draws=2, batch_size=256),
+    landscape=LandscapeSettings(train_images=64, line_points=9, grid=11, path_points=7, batch_size=64),
+    curvature=CurvatureSettings(images=16, power_max_iterations=12, hutchinson_vectors=4, hutchinson_block=4,
+                                batch_size=16),
+    shattering=ShatteringSettings(points=64, pairs=4, max_lag=8, bn_images=128, sweep_depths=(8, 14, 20, 32, 44, 56),
+                                  sweep_seeds=1, batch_size=128),
 )
