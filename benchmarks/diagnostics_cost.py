@@ -7,7 +7,7 @@
   out (images, points, pairs, subsets, products); curvature is an upper bound with every
   power iteration running to 100. ``--full measure`` runs the full preset whole (a GPU).
 * ``--compare-hvp``: a Hessian-vector product on resnet-8 (BN in eval mode, 128 images)
-  from curvlinops' HessianLinearOperator against a hand-written double backprop: time per
+  from curvlinops' HessianLinearOperator against the lab's double backprop (``Hessian``): time per
   single product and per block of 8, and their relative difference.
 
 Nets are untrained (seeded init; the landscape's "init" is another seed): the cost does not
@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench_common import add_threads_option, header, load, pick_devices, set_threads, sync, write_csv
 from resnet_lab.data import load_dataset
 from resnet_lab.diagnostics import settings as S
 from resnet_lab.diagnostics.common import subset
-from resnet_lab.diagnostics.curvature import curvature, hessian_operator, hutchinson_trace, power_iteration
+from resnet_lab.diagnostics.curvature import curvature, Hessian, hutchinson_trace, power_iteration
 from resnet_lab.diagnostics.landscape import landscape
 from resnet_lab.diagnostics.lesion import lesion
 from resnet_lab.diagnostics.shattering import depth_sweep, shattering
@@ -117,7 +117,7 @@ def full_extrapolated(model: nn.Module, init: dict, inp: Inputs) -> dict[str, tu
     out["landscape"] = (t * scale, f"x{scale:.0f} of {passes(la)} passes")
     c = F_.curvature
     x, y = inp.train(c.batch_size, purpose=3)
-    H = hessian_operator(model, x, y, c.batch_size, nn.CrossEntropyLoss())
+    H = Hessian(model, x, y, c.batch_size, nn.CrossEntropyLoss())
     g = torch.Generator().manual_seed(0)
     probe = dataclasses.replace(c, power_max_iterations=3, power_tolerance=1e-12)
     model.eval()
@@ -142,26 +142,27 @@ def sweep(cfg: S.ShatteringSettings, inp: Inputs) -> float:
 
 
 def compare_hvp(device: torch.device, reps: int) -> list[dict]:
-    """curvlinops vs hand-written double-backprop HVP on resnet-8, eval-mode BN, 128 images."""
+    """curvlinops vs the lab's double-backprop HVP on resnet-8, eval-mode BN, 128 images.
+
+    curvlinops-for-pytorch is not a dependency of the lab; this comparison is why (see
+    resnet_lab/diagnostics/curvature.py). ``pip install curvlinops-for-pytorch`` to rerun it.
+    """
+    try:
+        from curvlinops import HessianLinearOperator
+    except ImportError:
+        print("diagnostics_cost.py: --compare-hvp needs curvlinops-for-pytorch (pip install it)", file=sys.stderr)
+        sys.exit(2)
     torch.manual_seed(0)
     model = build_model("resnet-8", in_channels=1).to(device).eval()
     x, y = torch.randn(128, 1, 28, 28, device=device), torch.randint(0, 10, (128,), device=device)
-    params = list(model.parameters())
-    H = hessian_operator(model, x, y, 128, nn.CrossEntropyLoss())
+    H = HessianLinearOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), [(x, y)],
+                              check_deterministic=False)
+    hand = Hessian(model, x, y, 128, nn.CrossEntropyLoss()).__matmul__
     V = torch.randn(H.shape[1], 8, device=device)
-
-    def hand(cols: torch.Tensor) -> torch.Tensor:
-        g = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
-        k = cols.shape[1]
-        outs = [c.T.reshape(k, *p.shape) for c, p in zip(cols.split([p.numel() for p in params]), params)]
-        if k == 1:
-            outs = [o[0] for o in outs]
-        hv = torch.autograd.grad(g, params, grad_outputs=outs, is_grads_batched=k > 1)
-        return torch.cat([h.reshape(k, -1) for h in hv], 1).T
 
     rows = []
     for what, cols in (("single", V[:, :1]), ("block of 8", V)):
-        for impl, fn in (("curvlinops", lambda c=cols: H @ c), ("hand", lambda c=cols: hand(c))):
+        for impl, fn in (("curvlinops", lambda c=cols: H @ c), ("lab (hand)", lambda c=cols: hand(c))):
             fn()  # warm-up (curvlinops sets up its functional model on the first product)
             times = [clock(fn, device)[0] for _ in range(reps)]
             rows.append(dict(what=f"hvp {what}", impl=impl, seconds=min(times), median=sorted(times)[reps // 2]))

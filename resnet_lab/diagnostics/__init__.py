@@ -9,6 +9,5 @@ train flags exactly as it found them:
 * ``curvature``: Yao et al. 2020 (PyHessian's method), top Hessian eigenvalue and trace.
 * ``shattering``: Balduzzi et al. 2017, correlation of input gradients along a line.
 
-Sizes live in ``settings`` (full scale and a CPU preset). Modules are imported on use, so
-importing this package does not pull in curvlinops.
+Sizes live in ``settings`` (full scale and a CPU preset).
 """
