@@ -201,6 +201,16 @@ def test_depth_sweep_builds_both_archs_at_every_depth_and_seed() -> None:
     assert set(metrics) == {f"diag/shattering/sweep/{a}-{d}/rho1" for a in ("plain", "resnet") for d in (8, 14)}
 
 
+def test_reestimated_bn_statistics_are_the_exact_average_over_the_images() -> None:
+    from resnet_lab.diagnostics.common import reestimate_bn
+    bn = nn.BatchNorm2d(3)
+    x = torch.randn(20, 3, 4, 4) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1) + 5
+    reestimate_bn(bn, x, batch_size=20)  # one batch: the exact mean and (unbiased) variance
+    torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(bn.running_var, x.transpose(0, 1).flatten(1).var(1))
+    assert not bn.training and bn.momentum == 0.1
+
+
 # ---------------------------------------------------------------- every diagnostic leaves the model as it was
 
 def test_every_diagnostic_leaves_weights_buffers_and_flags_untouched() -> None:

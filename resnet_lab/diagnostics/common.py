@@ -74,3 +74,24 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None, what: str) -> None:
         raise UserError(f"{what}: images must be normalised floats (see diagnostics.common.subset), got uint8")
     if y is not None and y.shape[:1] != x.shape[:1]:
         raise UserError(f"{what}: {len(x)} images but labels of shape {tuple(y.shape)}")
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """BN running stats := their exact average over x (momentum None), then eval mode again.
+
+    For weights whose stored statistics fit nothing: points on the init-to-final path, a net
+    at init (callers restore the old statistics through ``untouched``)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for xb in x.split(batch_size):
+            model(xb)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+            m.eval()

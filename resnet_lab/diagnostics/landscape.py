@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .common import check_inputs, device_of, loss_error_sums, untouched
+from .common import check_inputs, device_of, loss_error_sums, reestimate_bn, untouched
 from .settings import LandscapeSettings
 
 PATH_RANGE = (-0.25, 1.25)
@@ -61,24 +61,6 @@ def _set_weights(params: list[nn.Parameter], base: list[torch.Tensor], dirs: lis
                 torch._foreach_add_(params, d, alpha=c)
 
 
-@torch.no_grad()
-def _reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Running stats := exact average over x (momentum None), then back to eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        for xb in x.split(batch_size):
-            model(xb)
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-            m.eval()
-
-
 def landscape(model: nn.Module, init_state: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
               settings: LandscapeSettings) -> tuple[pd.DataFrame, dict[str, float]]:
     """1D and 2D filter-normalised slices around the trained weights, and the init-to-final path."""
@@ -106,7 +88,7 @@ def landscape(model: nn.Module, init_state: Mapping[str, torch.Tensor], x: torch
         delta = torch._foreach_sub(final, init)
         for j, t in enumerate(ts):
             _set_weights(params, init, [delta], [float(t)])
-            _reestimate_bn(model, x, settings.batch_size)
+            reestimate_bn(model, x, settings.batch_size)
             sums[len(points) + j] = loss_error_sums(model, x, y, settings.batch_size)
     loss, err = (sums / torch.tensor([1.0, 0.01], dtype=torch.float64, device=device) / len(y)).T.tolist()
     points += [("path", t, np.nan) for t in ts]

@@ -24,8 +24,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import build_model
-from .common import check_inputs, device_of, untouched
-from .landscape import _reestimate_bn
+from .common import check_inputs, device_of, reestimate_bn, untouched
 from .settings import ShatteringSettings
 
 MOMENTS = ("init", "final")
@@ -71,7 +70,7 @@ def shattering(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bn_images: to
     rho = torch.zeros(settings.max_lag, device=device_of(model))
     with untouched(model):
         if bn_images is not None:
-            _reestimate_bn(model, bn_images, settings.batch_size)
+            reestimate_bn(model, bn_images, settings.batch_size)
         for i in range(settings.pairs):
             pts = line_points(x[2 * i], x[2 * i + 1], settings.points)
             classes = y[2 * i].expand(settings.points)
