@@ -78,7 +78,8 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor | None, what: str) -> None:
 
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """BN running stats := their exact average over x (momentum None), then eval mode again.
+    """BN running stats := the average of per-batch statistics over x (momentum None; exact when
+    x is one batch), then eval mode again.
 
     For weights whose stored statistics fit nothing: points on the init-to-final path, a net
     at init (callers restore the old statistics through ``untouched``)."""

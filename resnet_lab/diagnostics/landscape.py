@@ -8,7 +8,7 @@ statistics, so the slices move only the weights the normalisation is about.
 Along the linear path from the initial to the final weights, theta(t) = (1-t) theta_0 + t
 theta_1 for t in [-0.25, 1.25], every parameter (BN's gamma and beta too) is interpolated,
 and BN's running statistics are re-estimated at each point from the landscape subset (one
-train-mode pass, exact average) before evaluating in eval mode. Neither end's statistics fit
+train-mode pass, ``common.reestimate_bn``) before evaluating in eval mode. Neither end's statistics fit
 the weights in between, and the init statistics (0, 1) fit nothing, so this (as in
 Garipov et al. 2018 for curves between solutions) is what makes each point a usable net;
 hence t = 1 is close to, not identical with, the grid's (0, 0).

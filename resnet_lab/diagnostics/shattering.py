@@ -6,7 +6,7 @@ averaged over ``pairs`` image pairs. rho near 1 means the gradient changes smoot
 the line; "shattered" gradients decorrelate (rho -> 0) after a lag of one point.
 
 BN runs in eval mode with running statistics re-estimated from one fixed batch of real
-training images (exact average). At init the stored statistics are (0, 1) and describe no
+training images (``common.reestimate_bn``). At init the stored statistics are (0, 1) and describe no
 real activation, so without this an untrained deep net's activations blow up or vanish and
 rho says nothing; the same procedure is used at the end of training so the two moments
 differ only in the weights. Metrics ``diag/shattering/rho1/init`` and
