@@ -206,6 +206,8 @@ def main() -> None:
                     rows.append(dict(device=dev.type, scale=scale, net=name, diagnostic=diag, seconds=sec,
                                      note=f"{mode}{'; ' + note if note else ''}"))
                     print(f"{dev.type:5} {scale:5} {name:10} {diag:11} {sec:9.2f} s  {rows[-1]['note']}", flush=True)
+                if args.csv:  # rewritten after each net, so a stopped run keeps what it measured
+                    write_csv(args.csv, rows)
             if not args.no_sweep and mode != "extrapolate":
                 cfg = (cpu_cfg if scale == "cpu" else S.FULL).shattering
                 rows.append(dict(device=dev.type, scale=scale, net=f"plain+resnet {'/'.join(map(str, cfg.sweep_depths))} "
