@@ -280,11 +280,11 @@ def main() -> None:
         split = synthetic_split(opt["images"])
         print(f"\n{dev.type}: {opt['images']} images, warm-up {opt['warmup']} steps, {opt['windows']} windows x "
               f"{opt['steps']} steps per loop, reference workers {opt['ref_workers']}")
-        print("\n| model | device | reference img/s (workers) | loop | img/s | lab/ref | q1-q3 | first step s |"
-              "\n|---|---|---:|---|---:|---:|---|---:|")
         speeds = variants(dev, args.precisions, args.formats, args.compile)
         auto = variant_label(plan(dev, "auto", None, TrainConfig().iterations))
         print(f"auto (resnet_lab.speed.plan, a default {TrainConfig().iterations}-iteration run): {auto}")
+        print("\n| model | device | reference img/s (workers) | loop | img/s | lab/ref | q1-q3 | first step s |"
+              "\n|---|---|---:|---|---:|---:|---|---:|")
         dev_rows = []
         for name in models:
             got = bench_model(name, dev, split, windows=opt["windows"], steps=opt["steps"], warmup=opt["warmup"],

@@ -71,7 +71,7 @@ class Speed:
 def plan(device: torch.device, precision: str, compile: bool | None, iterations: int) -> Speed:
     """The one place that decides precision, layout and compile for a run of ``iterations`` on ``device``."""
     chosen = choose_precision(device, precision)
-    return Speed(device.type, chosen, choose_memory_format(device, chosen), choose_compile(device, compile, iterations))
+    return Speed(device.type, chosen, choose_memory_format(device), choose_compile(device, compile, iterations))
 
 
 def choose_precision(device: torch.device, asked: str) -> str:
@@ -81,16 +81,15 @@ def choose_precision(device: torch.device, asked: str) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
-def choose_memory_format(device: torch.device, precision: str) -> torch.memory_format:
-    """channels_last on CUDA (cuDNN's fast layout) and for bf16 on CPU (oneDNN's bf16 convolutions
-    run in NHWC: 1.3x in fp32 and 2.2-2.4x with bf16 on an AMX Xeon, issue 12).
-
-    fp32 on a CPU without native bf16 stays contiguous: on the 2-core AVX2 AMD EPYC, channels_last
-    was slower for resnet-20 and resnet-56 at batch 64 and 128 (docs/benchmarks.md).
+def choose_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last everywhere it was measured: cuDNN's fast layout on CUDA; on CPU oneDNN's
+    convolutions run in NHWC and skip a reorder per conv: 1.3x in fp32 and 2.2-2.4x with bf16
+    on an AMX Xeon (issue 12), and 1.29-1.42x in fp32 on the 2-core AVX2 AMD EPYC for resnet-20
+    and resnet-56 at batch 128 and resnet-20 at 64 (resnet-56 at 64: 1.06x, inside its noise; none
+    slower; docs/benchmarks.md). A device kind measured slower in
+    channels_last gets its exception here.
     """
-    if device.type == "cuda" or precision == "bf16" or (device.type == "cpu" and native_bf16(device)):
-        return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last
 
 
 def choose_compile(device: torch.device, asked: bool | None, iterations: int) -> bool:
