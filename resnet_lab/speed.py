@@ -21,9 +21,10 @@ from torch import nn
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # torch.compile pays for itself on CPU from this many training steps on. Measured on a 2-core AMD
-# EPYC (AVX2), 1 thread, inductor's cache cold: compiling costs 55 s (resnet-20) to 120 s (resnet-56)
-# at batch 128 and saves 0.14-0.42 s per step, i.e. ~400 steps to break even for either depth; 1,000
-# leaves a margin for a warm cache's smaller gain on short runs and for noisy measurements.
+# EPYC (AVX2), 1 thread, inductor's cache cold, resnet-20 at batch 128 (docs/benchmarks.md): the
+# compile took 150-300 s of the first step on a heavily shared machine and saved 0.3-0.6 s of each
+# ~4.5 s step there, i.e. ~500 steps to break even (both scale with the load); 1,000 leaves a margin
+# for smaller batches (less saved per step) and for the noise of those measurements.
 COMPILE_AFTER_ITERATIONS_CPU = 1000
 # Where the step model is compiled; tests swap in a counting backend (compiling for real takes minutes).
 COMPILE_BACKEND: str | Callable = "inductor"
