@@ -18,7 +18,7 @@ each ratio is the median over rounds of the ratio to the same round's ``off`` wi
 drift on a shared machine hits both sides. Two more rows time the probe calls alone
 (``on_backward`` x50, one ``gradient_flow``) against an ``off`` step.
 
-On CUDA bf16 autocast + channels_last + cudnn.benchmark, as train.py; on CPU fp32.
+Precision and layout are what `resnet_lab.speed.plan` picks for the device (auto), as train.py; cudnn.benchmark on CUDA.
 
     python benchmarks/probe_overhead.py [--device cpu|cuda] [--rounds N] [--window N] [--warmup N]
                                         [--flow-reps N] [--models ...] [--csv PATH]
@@ -39,7 +39,7 @@ from resnet_lab.config import TrainConfig
 from resnet_lab.data import DeviceLoader, Split
 from resnet_lab.models import build_model
 from resnet_lab.probes import Probes, gradient_flow
-from resnet_lab.train import memory_format
+from resnet_lab.speed import plan
 
 FLOW_EVERY = 100
 BATCH = 128
@@ -60,7 +60,8 @@ def bench_model(name: str, device: torch.device, rounds: int, window: int, warmu
     """One row per config: ms per step, median ratio to ``off`` over rounds, and its quartiles."""
     cfg = TrainConfig(model=name)  # lr/momentum/weight decay/log_every as a default training
     torch.manual_seed(0)
-    model = build_model(name).to(device, memory_format=memory_format(device)).train()
+    speed = plan(device, cfg.precision, False, cfg.iterations)  # the auto precision and layout, eager
+    model = build_model(name).to(device, memory_format=speed.memory_format).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(0)
     n = BATCH * 16
@@ -77,7 +78,7 @@ def bench_model(name: str, device: torch.device, rounds: int, window: int, warmu
     def run(kind: str) -> None:
         state = states[kind]
         for _ in range(window):
-            lab_step(model, state, cfg, next(batches))
+            lab_step(model, state, cfg, next(batches), speed)
             if state.iteration % cfg.log_every == 0:
                 log_point(state)
 

@@ -9,8 +9,11 @@
 * lab: ``resnet_lab.data.DeviceLoader`` (uint8 split on the device, one-gather crop+flip),
   ``resnet_lab.models.build_model`` and the step of ``resnet_lab.train._loop``
   (``bench_common.lab_step``) with the default probes (weight-grad norms every step) and
-  the loss/grad-norm read-back every 100 steps; bf16 autocast + channels_last on CUDA.
-  Evaluation, MLflow logging and checkpoints are not timed (the reference has none).
+  the loss/grad-norm read-back every 100 steps. One lab loop per variant: each of
+  ``--precisions`` (fp32, bf16 autocast) x ``--formats`` (contiguous, channels_last), eager,
+  and with ``--compile`` each also ``torch.compile``'d for the step (``--set compile=true``);
+  the variant ``resnet_lab.speed.plan`` picks on its own (auto) for a default-length run is
+  marked. Evaluation, MLflow logging and checkpoints are not timed (the reference has none).
 
 Both use CIFAR-10-shaped synthetic uint8 data (``--images`` random 3x32x32 images, 10
 classes; speed does not depend on content), batch 128, SGD(0.1, 0.9, 1e-4), the same
@@ -19,13 +22,13 @@ it too). Timing: after ``--warmup`` steps each, ``--windows`` rounds, each round
 of ``--steps`` steps per loop between synchronised clocks, loop order rotating per round.
 Batches a DataLoader prefetched while the other loops ran are taken off its queue, untimed,
 before its window. Rates are medians over windows; lab/ref is the median over rounds of
-the ratio within a round, so machine drift hits both alike. ``--compile`` adds a third loop,
-the lab's with its model ``torch.compile``'d for the step (``--set compile=true`` in
-training), timed in the same rounds; its first warm-up step includes the compile.
+the ratio within a round, so machine drift hits both alike. A compiled loop's first warm-up
+step includes the compile: its seconds are the ``first_step_s`` column.
 
     python benchmarks/throughput.py [--device cpu|cuda] [--models ...] [--windows N] [--steps N]
                                     [--warmup N] [--ref-workers N ...] [--images N] [--compile]
-                                    [--csv PATH] [--quick]
+                                    [--precisions fp32 bf16] [--formats contiguous channels_last]
+                                    [--threads N] [--csv PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from resnet_lab.data import DeviceLoader, Split
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, parse_model_name
 from resnet_lab.probes import Probes
-from resnet_lab.train import memory_format
+from resnet_lab.speed import CompiledStep, Speed, native_bf16, plan, step_model
 
 BATCH = 128
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -115,13 +118,21 @@ class ReferenceLoop:
             self.train_loss += loss.item()
 
 
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def variant_label(speed: Speed) -> str:
+    layout = speed.tags()["memory_format"]
+    return f"lab {speed.precision} {layout}" + (" compiled" if speed.compile else "")
+
+
 class LabLoop:
-    def __init__(self, name: str, device: torch.device, split: Split, compile_step: bool) -> None:
-        self.label, self.workers, self.device = "lab" + (" (compiled)" if compile_step else ""), None, device
+    def __init__(self, name: str, device: torch.device, split: Split, speed: Speed) -> None:
+        self.label, self.workers, self.device, self.speed = variant_label(speed), None, device, speed
         self.cfg = TrainConfig(model=name)  # the defaults `resnet-lab train` runs with
         torch.manual_seed(0)
-        self.model = build_model(name).to(device, memory_format=memory_format(device)).train()
-        self.step_model = torch.compile(self.model) if compile_step else self.model
+        self.model = build_model(name).to(device, memory_format=speed.memory_format).train()
+        self.step_model = step_model(self.model, speed)
         c = self.cfg
         self.opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         loader = DeviceLoader(split, batch_size=BATCH, device=device, mean=CIFAR_MEAN, std=CIFAR_STD,
@@ -135,7 +146,7 @@ class LabLoop:
 
     def steps(self, n: int) -> None:
         for _ in range(n):
-            lab_step(self.step_model, self.state, self.cfg, next(self.batches))
+            lab_step(self.step_model, self.state, self.cfg, next(self.batches), self.speed)
             if self.state.iteration % self.cfg.log_every == 0:
                 log_point(self.state)
 
@@ -146,13 +157,24 @@ def synthetic_split(n: int) -> Split:
                  torch.randint(0, 10, (n,), generator=g))
 
 
+def variants(device: torch.device, precisions: list[str], formats: list[str], compile_step: bool) -> list[Speed]:
+    """Every precision x layout (x compile) asked for, on ``device``."""
+    return [Speed(device.type, p, FORMATS[f], c) for c in ([False, True] if compile_step else [False])
+            for p in precisions for f in formats]
+
+
 def bench_model(name: str, device: torch.device, split: Split, *, windows: int, steps: int, warmup: int,
-                ref_workers: list[int], compile_step: bool) -> list[dict]:
+                ref_workers: list[int], speeds: list[Speed]) -> list[dict]:
     """One row per loop: images/s (median, min, max over windows); lab rows carry lab/ref."""
-    loops = [ReferenceLoop(name, device, split, w) for w in ref_workers] + [LabLoop(name, device, split, False)]
-    loops += [LabLoop(name, device, split, True)] if compile_step else []
+    loops = [ReferenceLoop(name, device, split, w) for w in ref_workers]
+    loops += [LabLoop(name, device, split, speed) for speed in speeds]
+    first_step: dict[str, float] = {}
     for loop in loops:
-        loop.steps(warmup)
+        first_step[loop.label] = timed(lambda: loop.steps(1), device) if warmup else float("nan")
+        loop.steps(max(warmup - 1, 0))
+        if isinstance(loop, LabLoop) and isinstance(loop.step_model, CompiledStep) and not loop.step_model.compiled:
+            loop.label += " (compile failed: eager)"
+            first_step[loop.label] = first_step[variant_label(loop.speed)]
     rates: dict[str, list[float]] = {loop.label: [] for loop in loops}
     for r in range(windows):
         for loop in loops[r % len(loops):] + loops[:r % len(loops)]:
@@ -165,6 +187,7 @@ def bench_model(name: str, device: torch.device, split: Split, *, windows: int, 
         rs = rates[loop.label]
         ratios = [a / b for a, b in zip(rs, rates[best.label])]
         rows.append({"model": name, "device": device.type, "loop": loop.label, "workers": loop.workers,
+                     "first_step_s": first_step[loop.label],
                      "images_per_s": median(rs), "min": min(rs), "max": max(rs), "windows": windows,
                      "steps": steps, "ratio_to_reference": median(ratios),
                      "ratio_q1": statistics.quantiles(ratios, n=4)[0] if len(ratios) > 1 else ratios[0],
@@ -193,6 +216,15 @@ def study_hours(rates: dict[str, float]) -> tuple[float, list[str]]:
     return total / 3600, scaled
 
 
+def bf16_capability(device: torch.device) -> str:
+    """What the auto precision rule sees: native bf16 or not, and why."""
+    if device.type == "cuda":
+        return f"native {'yes' if native_bf16(device) else 'no'} (torch.cuda.is_bf16_supported)"
+    amx, avx512 = torch.cpu._is_amx_tile_supported(), torch.cpu._is_avx512_bf16_supported()
+    return (f"native {'yes' if native_bf16(device) else 'no'} (AMX tiles {'yes' if amx else 'no'}, AVX512-BF16 "
+            f"{'yes' if avx512 else 'no'}; torch CPU capability {torch.backends.cpu.get_cpu_capability()})")
+
+
 def fmt_hours(h: float) -> str:
     return f"{h * 60:.1f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} days"
 
@@ -209,7 +241,11 @@ def main() -> None:
                    help="DataLoader num_workers counts tried for the reference (default 0 2 on CPU, 2 8 on CUDA)")
     p.add_argument("--images", type=int, help="synthetic training images (default 50000)")
     p.add_argument("--compile", action="store_true",
-                   help="also time the lab loop with its model torch.compile'd for the step (--set compile=true)")
+                   help="also time each lab variant with its model torch.compile'd for the step (--set compile=true)")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="lab precisions to time (default both; bf16 is emulated, so slow, without native bf16)")
+    p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
+                   help="lab memory layouts to time (default both)")
     add_threads_option(p)
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--quick", action="store_true", help="smoke run: resnet-20, 2 windows of 2 steps, 4096 images")
@@ -230,6 +266,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
 
     print(header(devices))
+    for dev in devices:
+        print(f"bf16 on {dev.type}: {bf16_capability(dev)}")
     print(f"batch {BATCH}, CIFAR-10-shaped synthetic uint8 data; lab/ref = median over rounds of the "
           "within-round ratio to the fastest reference; q1-q3 = its quartiles")
     rows = []
@@ -242,26 +280,31 @@ def main() -> None:
         split = synthetic_split(opt["images"])
         print(f"\n{dev.type}: {opt['images']} images, warm-up {opt['warmup']} steps, {opt['windows']} windows x "
               f"{opt['steps']} steps per loop, reference workers {opt['ref_workers']}")
-        print("\n| model | device | reference img/s (workers) | loop | img/s | lab/ref | q1-q3 |"
-              "\n|---|---|---:|---|---:|---:|---|")
+        speeds = variants(dev, args.precisions, args.formats, args.compile)
+        auto = variant_label(plan(dev, "auto", None, TrainConfig().iterations))
+        print(f"auto (resnet_lab.speed.plan, a default {TrainConfig().iterations}-iteration run): {auto}")
+        print("\n| model | device | reference img/s (workers) | loop | img/s | lab/ref | q1-q3 | first step s |"
+              "\n|---|---|---:|---|---:|---:|---|---:|")
         dev_rows = []
         for name in models:
             got = bench_model(name, dev, split, windows=opt["windows"], steps=opt["steps"], warmup=opt["warmup"],
-                              ref_workers=opt["ref_workers"], compile_step=args.compile)
+                              ref_workers=opt["ref_workers"], speeds=speeds)
             ref = next(r for r in got if r["is_reference"])
             for lab in (r for r in got if r["workers"] is None):
-                print(f"| {name} | {dev.type} | {ref['images_per_s']:.0f} ({ref['workers']}) | {lab['loop']} | "
-                      f"{lab['images_per_s']:.0f} | {lab['ratio_to_reference']:.2f} | "
-                      f"{lab['ratio_q1']:.2f}-{lab['ratio_q3']:.2f} |", flush=True)
-            dev_rows += got
+                lab["auto"] = lab["loop"] == auto
+                print(f"| {name} | {dev.type} | {ref['images_per_s']:.0f} ({ref['workers']}) | {lab['loop']}"
+                      f"{' (auto)' if lab['auto'] else ''} | {lab['images_per_s']:.0f} | "
+                      f"{lab['ratio_to_reference']:.2f} | {lab['ratio_q1']:.2f}-{lab['ratio_q3']:.2f} | "
+                      f"{lab['first_step_s']:.1f} |", flush=True)
+            dev_rows += [r | {"auto": r.get("auto", False)} for r in got]
         print("\nevery loop (img/s over windows):\n\n| model | device | loop | median | min | max | ratio to reference |"
               "\n|---|---|---|---:|---:|---:|---:|")
         for r in dev_rows:
             print(f"| {r['model']} | {r['device']} | {r['loop']} | {r['images_per_s']:.0f} | {r['min']:.0f} | "
                   f"{r['max']:.0f} | {r['ratio_to_reference']:.2f} |")
         kinds = [("reference", lambda r: r["is_reference"])]
-        kinds += [(lab, lambda r, lab=lab: r["loop"] == lab) for lab in ("lab", "lab (compiled)")
-                  if any(r["loop"] == lab for r in dev_rows)]
+        labs = dict.fromkeys(r["loop"] for r in dev_rows if r["workers"] is None)
+        kinds += [(lab, lambda r, lab=lab: r["loop"] == lab) for lab in labs]
         for kind, pick in kinds:
             hours, scaled = study_hours({r["model"]: r["images_per_s"] for r in dev_rows if pick(r)})
             note = f"; depth-scaled (not measured): {', '.join(scaled)}" if scaled else ""

@@ -20,6 +20,7 @@ from typing import Any
 from .data import DATASETS
 from .errors import UserError
 from .models import SHORTCUTS, canonical_name, parse_model_name
+from .speed import PRECISIONS, cxx_missing
 
 
 @dataclass
@@ -63,7 +64,11 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"  # auto / cpu / cuda / cuda:N
-    compile: bool = False  # torch.compile the model for the training step; see docs/benchmarks.md
+    # fp32 / bf16 autocast; auto = bf16 where the device computes it natively (resnet_lab.speed)
+    precision: str = "auto"
+    # torch.compile the model for the training step: true / false, or unset (auto: where it pays
+    # for its compile time at the run's length, resnet_lab.speed); see docs/benchmarks.md
+    compile: bool | None = None
     tracking_uri: str | None = None
     experiment: str = "resnet_lab"
     run_name: str | None = None  # default "<model>-s<seed>"
@@ -109,6 +114,8 @@ class TrainConfig:
             self.check_schedule(self.iterations)
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile:
             _check_compile(self.device)
         return self
@@ -156,17 +163,14 @@ def _positive(cfg: TrainConfig, name: str) -> None:
 
 def _check_compile(device: str) -> None:
     """torch.compile needs dynamo for this Python and, on CPU, a C++ compiler for inductor's kernels."""
-    import os
-    import shutil
-
     import torch
     from torch._dynamo import is_dynamo_supported
 
     if not is_dynamo_supported():
         raise UserError("compile=true: torch.compile does not support this Python/torch; use --set compile=false")
-    cxx = os.environ.get("CXX", "g++")
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if on_cpu and shutil.which(cxx) is None:
+    cxx = cxx_missing()
+    if on_cpu and cxx is not None:
         raise UserError(f"compile=true on CPU needs a C++ compiler ({cxx!r} not found; set CXX or install g++), "
                         "or use --set compile=false")
 
@@ -186,6 +190,8 @@ def _coerce(name: str, value: Any) -> Any:
     base = next((a for a in args if a is not type(None)), hint) if optional else hint
     if isinstance(value, str) and optional and value.strip().lower() in ("none", "null", ""):
         return None
+    if isinstance(value, str) and optional and base is bool and value.strip().lower() == "auto":
+        return None  # an unset switch (compile) means "decide for me": auto
     if value is None:
         if optional:
             return None

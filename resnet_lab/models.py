@@ -251,7 +251,10 @@ class ResNet(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(x), 1))
+        """Pool + fc in fp32 even under bf16 autocast: bf16 logits (8 bits of mantissa) tie or swap
+        the argmax on ~0.5 % of rows, which would count errors wrongly (issue 15); the head is tiny."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.fc(torch.flatten(self.pool(x.float()), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -26,6 +26,8 @@ from .data import Dataset, DeviceLoader, check_sizes, load_dataset
 from .errors import UserError, check_can_create
 from .models import ResNet, build_model, count_parameters
 from .probes import Probes
+from .speed import CompiledStep, Speed, plan
+from .speed import step_model as make_step_model
 from .tracking import RunTracker, git_commit, resolve_tracking_uri
 
 
@@ -61,27 +63,18 @@ def lr_at(cfg: TrainConfig, iteration: int) -> float:
     return cfg.lr * cfg.lr_decay ** sum(iteration >= m for m in cfg.milestones or [])
 
 
-def mixed_precision(device: torch.device) -> bool:
-    """bf16 autocast on CUDA (tensor cores); fp32 on CPU (these CPUs have no bf16 units)."""
-    return device.type == "cuda"
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on CUDA (cuDNN's fast layout for convolutions); the default layout on CPU."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader) -> tuple[float, float]:
-    """(mean loss, error %) over the whole split; sums stay on the device until the end."""
+def evaluate(model: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[float, float]:
+    """(mean loss, error %) over the whole split, in the run's precision and layout (the head, so
+    the logits, in fp32); sums stay on the device until the end."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=loader.device)
     n = 0  # counted on the host: sizes are known without asking the device
     for x, y in loader:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed_precision(x.device)):
-            logits = model(x)
-        total += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"), (logits.argmax(1) != y).sum()])
+        with speed.autocast():
+            logits = model(speed.layout(x))
+        total += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) != y).sum()])
         n += len(y)
     model.train(was_training)
     loss_sum, errors = total.tolist()
@@ -101,6 +94,7 @@ class Setup:
     config_hash: str
     checkpoint: Path | None  # None when checkpoints are off
     device: torch.device
+    speed: Speed  # precision, layout and compile, decided once for this run
     data: Dataset
     model: ResNet
     iterations: int
@@ -121,7 +115,8 @@ def prepare(cfg: TrainConfig) -> Setup:
     torch.manual_seed(cfg.seed)  # the same seed gives plain-n and resnet-n the same initial weights
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         shortcut=cfg.shortcut, zero_init_residual=cfg.zero_init_residual)
-    return Setup(resolved, cfg.config_hash(), checkpoint_path(cfg), device, data, model, iterations)
+    speed = plan(device, cfg.precision, cfg.compile, iterations)
+    return Setup(resolved, cfg.config_hash(), checkpoint_path(cfg), device, speed, data, model, iterations)
 
 
 def run_tags(setup: Setup) -> dict[str, str]:
@@ -136,7 +131,7 @@ def run_tags(setup: Setup) -> dict[str, str]:
         "mlflow.source.git.commit": commit, "num_parameters": str(count_parameters(setup.model)),
         "train_examples": str(len(setup.data.train)), "data_source": setup.data.source,
         "total_iterations": str(setup.iterations), "config_hash": setup.config_hash,
-    }
+    } | setup.speed.tags()
 
 
 def train(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainResult:
@@ -191,6 +186,7 @@ def _resumable_checkpoint(setup: Setup) -> dict | None:
 def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None) -> TrainResult:
     cfg, total = setup.cfg, setup.iterations
     state, step_model, eval_loaders = _start(setup)
+    speed = setup.speed
     # Resume exactly where the checkpoint left off (steps MLflow already has are not logged again),
     # or take the probes' first point, at initialisation.
     logged_upto = -1
@@ -205,12 +201,12 @@ def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None)
     window_start = time.perf_counter()
     while state.iteration < total:
         # One SGD step; nothing is read back to the host, so a GPU never waits for Python.
-        lr = train_step(step_model, state, cfg, next(batches))
+        lr = train_step(step_model, state, cfg, next(batches), speed)
         done = state.iteration
         # Every log_every iterations: one host read, the evaluation when due, one batch of metrics to MLflow.
         if done % cfg.log_every == 0 or done == total:
             steps = state.window_iters
-            diverged = log_and_evaluate(state, eval_loaders, tracker, lr, time.perf_counter() - window_start,
+            diverged = log_and_evaluate(state, eval_loaders, tracker, lr, time.perf_counter() - window_start, speed,
                                         evaluate_now=done % cfg.eval_every == 0 or done == total,
                                         log=done > logged_upto)
             _show(bar, state.last, steps)
@@ -232,13 +228,13 @@ def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None)
     return TrainResult(tracker.run_id, "FINISHED", total, state.last)
 
 
-def _start(setup: Setup) -> tuple[TrainState, nn.Module, dict[str, DeviceLoader]]:
+def _start(setup: Setup) -> tuple[TrainState, nn.Module | CompiledStep, dict[str, DeviceLoader]]:
     """A fresh state on the device, the model the step runs (compiled or not) and the eval loaders."""
     cfg, device, data = setup.cfg, setup.device, setup.data
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = setup.model.to(device, memory_format=memory_format(device)).train()
-    step_model = torch.compile(model) if cfg.compile else model  # the step only: probes and eval stay eager
+    model = setup.model.to(device, memory_format=setup.speed.memory_format).train()
+    step_model = make_step_model(model, setup.speed)  # the step only: probes and eval stay eager
     optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     loader = DeviceLoader(data.train, batch_size=cfg.batch_size, device=device, mean=data.mean, std=data.std,
@@ -251,10 +247,11 @@ def _start(setup: Setup) -> tuple[TrainState, nn.Module, dict[str, DeviceLoader]
     return state, step_model, eval_loaders
 
 
-def train_step(model: nn.Module, state: TrainState, cfg: TrainConfig,
-               batch: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """One SGD iteration on ``batch``: the state's window gets (loss sum, errors) on the device, its
-    iteration count advances, and the lr used is returned. ``model`` is ``state.model`` or its compiled twin.
+def train_step(model: nn.Module | CompiledStep, state: TrainState, cfg: TrainConfig,
+               batch: tuple[torch.Tensor, torch.Tensor], speed: Speed) -> float:
+    """One SGD iteration on ``batch`` in ``speed``'s precision and layout: the state's window gets
+    (loss sum, errors) on the device, its iteration count advances, and the lr used is returned.
+    ``model`` is ``state.model`` or its compiled twin (``speed.make_step_model``).
 
     Nothing here reads a value back to the host, so on CUDA the next step is queued at once.
     Shared with ``benchmarks/`` so the benchmarks time exactly this step.
@@ -263,10 +260,9 @@ def train_step(model: nn.Module, state: TrainState, cfg: TrainConfig,
     lr = lr_at(cfg, state.iteration)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    x = x.contiguous(memory_format=memory_format(x.device))
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mixed_precision(x.device)):
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+    with speed.autocast():
+        logits = model(speed.layout(x))  # fp32: the head runs outside autocast (models.ResNet.forward_head)
+    loss = F.cross_entropy(logits, y)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.probes.on_backward(state.iteration)
@@ -278,7 +274,7 @@ def train_step(model: nn.Module, state: TrainState, cfg: TrainConfig,
 
 
 def log_and_evaluate(state: TrainState, eval_loaders: dict[str, DeviceLoader], tracker: RunTracker, lr: float,
-                     seconds: float, *, evaluate_now: bool, log: bool) -> bool:
+                     seconds: float, speed: Speed, *, evaluate_now: bool, log: bool) -> bool:
     """End a log window: its train loss/error/lr/speed, the eval splits and probe points when
     ``evaluate_now``, all as one batch to MLflow (unless ``log`` is false: a resumed run's
     steps MLflow already has). Returns True when the training loss diverged (then no evaluation)."""
@@ -291,7 +287,7 @@ def log_and_evaluate(state: TrainState, eval_loaders: dict[str, DeviceLoader], t
     diverged = not math.isfinite(loss_sum)
     if evaluate_now and not diverged:
         for name, loader in eval_loaders.items():
-            loss, error = evaluate(state.model, loader)
+            loss, error = evaluate(state.model, loader, speed)
             points += [(f"{name}/loss", loss, done), (f"{name}/error", error, done)]
         state.probes.measure(done)
     points += state.probes.drain()

@@ -1,0 +1,139 @@
+"""How a run's step goes fast on the device at hand: precision, memory layout, torch.compile.
+
+``plan`` decides all three once per run (``train.prepare``); the training step, evaluation and
+the run's tags all read its answer, so a run never mixes precisions or layouts. The rules are
+measured, not assumed: the numbers behind them are in docs/benchmarks.md ("Precision, layout
+and compile on CPU").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# torch.compile pays for itself on CPU from this many training steps on. Measured on a 2-core AMD
+# EPYC (AVX2), 1 thread, inductor's cache cold, resnet-20 at batch 128 (docs/benchmarks.md): the
+# compile took 150-300 s of the first step on a heavily shared machine and saved 0.3-0.6 s of each
+# ~4.5 s step there, i.e. ~500 steps to break even (both scale with the load); 1,000 leaves a margin
+# for smaller batches (less saved per step) and for the noise of those measurements.
+COMPILE_AFTER_ITERATIONS_CPU = 1000
+# Where the step model is compiled; tests swap in a counting backend (compiling for real takes minutes).
+COMPILE_BACKEND: str | Callable = "inductor"
+
+_log = logging.getLogger(__name__)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does this device compute bf16 natively (so bf16 autocast is faster, not emulated)?
+
+    CUDA: what torch reports (Ampere and later). CPU: AMX tiles or AVX512-BF16, as torch
+    reports them; elsewhere (e.g. AVX2-only CPUs) bf16 is converted to fp32 around every op.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def cxx_missing() -> str | None:
+    """The C++ compiler inductor needs for CPU kernels, when it is not on PATH (None: found)."""
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else cxx
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What ``plan`` decided for a run: autocast dtype (None: fp32), memory layout, compile."""
+
+    device_type: str
+    precision: str  # "fp32" or "bf16", never "auto"
+    memory_format: torch.memory_format
+    compile: bool
+
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=self.memory_format)
+
+    def tags(self) -> dict[str, str]:
+        layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
+        return {"precision": self.precision, "memory_format": layout, "compiled": str(self.compile).lower()}
+
+
+def plan(device: torch.device, precision: str, compile: bool | None, iterations: int) -> Speed:
+    """The one place that decides precision, layout and compile for a run of ``iterations`` on ``device``."""
+    chosen = choose_precision(device, precision)
+    return Speed(device.type, chosen, choose_memory_format(device), choose_compile(device, compile, iterations))
+
+
+def choose_precision(device: torch.device, asked: str) -> str:
+    """``auto``: bf16 autocast where the device computes bf16 natively, fp32 elsewhere."""
+    if asked != "auto":
+        return asked
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def choose_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last everywhere it was measured: cuDNN's fast layout on CUDA; on CPU oneDNN's
+    convolutions run in NHWC and skip a reorder per conv: 1.3x in fp32 and 2.2-2.4x with bf16
+    on an AMX Xeon (issue 12), and 1.29-1.42x in fp32 on the 2-core AVX2 AMD EPYC for resnet-20
+    and resnet-56 at batch 128 and resnet-20 at 64 (resnet-56 at 64: 1.06x, inside its noise; none
+    slower; docs/benchmarks.md). A device kind measured slower in
+    channels_last gets its exception here.
+    """
+    return torch.channels_last
+
+
+def choose_compile(device: torch.device, asked: bool | None, iterations: int) -> bool:
+    """``compile`` true/false forces it; unset (auto) compiles the step where it pays for its
+    compile time: CPU runs of at least ``COMPILE_AFTER_ITERATIONS_CPU`` steps with a C++ compiler.
+
+    On CUDA auto stays eager until a GPU measurement says from which run length it pays.
+    """
+    if asked is not None:
+        return asked
+    return device.type == "cpu" and iterations >= COMPILE_AFTER_ITERATIONS_CPU and cxx_missing() is None
+
+
+class CompiledStep:
+    """The model ``torch.compile``'d for the training step, or eager if compiling fails.
+
+    Each instance starts from fresh compiler caches: every net shares ``ResNet.forward``, so
+    without a reset an inline study stops compiling after torch's recompile limit (8 nets)
+    and silently runs eager (issue 15). A compile failure (no compiler, an inductor bug) costs
+    one warning line, and the step runs eager from then on: compiling fails before the graph
+    runs, so the batch is simply run again, eagerly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        import torch._dynamo  # not imported with torch; seconds to import, so only when compiling
+
+        torch._dynamo.reset()
+        self.eager = model
+        self.fn: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model, backend=COMPILE_BACKEND)
+        self.compiled = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.fn(x)
+        except torch._dynamo.exc.TorchDynamoException as e:  # inductor's errors derive from it too
+            if not self.compiled:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            _log.warning("torch.compile failed (%s: %s); training continues eager", type(e).__name__, first)
+            self.fn, self.compiled = self.eager, False
+            return self.fn(x)
+
+
+def step_model(model: nn.Module, speed: Speed) -> nn.Module | CompiledStep:
+    """What the training step calls: the model itself, or its compiled twin when ``speed.compile``."""
+    return CompiledStep(model) if speed.compile else model

@@ -1,0 +1,184 @@
+"""Precision, layout and compile (resnet_lab.speed): the rules decide what the issue says, the
+head's logits are fp32 under bf16, compiling survives a study of many nets and its own failure,
+and bf16 trains like fp32 where bf16 is native."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_lab import speed
+from resnet_lab.config import TrainConfig, apply
+from resnet_lab.errors import UserError
+from resnet_lab.models import build_model
+from resnet_lab.speed import (COMPILE_AFTER_ITERATIONS_CPU, CompiledStep, choose_compile, native_bf16, plan)
+from resnet_lab.data import DeviceLoader, Split
+from resnet_lab.train import _start, evaluate, prepare, run_tags, train, train_step
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _fake_cpu(monkeypatch: pytest.MonkeyPatch, *, amx: bool, avx512_bf16: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "native"), [(True, False, True), (False, True, True),
+                                                            (False, False, False)])
+def test_native_bf16_is_amx_or_avx512_bf16_as_torch_reports(monkeypatch: pytest.MonkeyPatch, amx: bool,
+                                                             avx512_bf16: bool, native: bool) -> None:
+    _fake_cpu(monkeypatch, amx=amx, avx512_bf16=avx512_bf16)
+    assert native_bf16(CPU) is native
+    s = plan(CPU, "auto", False, 100)
+    assert s.precision == ("bf16" if native else "fp32")
+    # NHWC: 2.2-2.4x with bf16 on an AMX Xeon (issue 12), 1.3-1.4x in fp32 on an AVX2 EPYC (benchmarks.md)
+    assert s.memory_format == torch.channels_last
+
+
+def test_forced_precision_wins_over_the_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cpu(monkeypatch, amx=True, avx512_bf16=True)
+    assert plan(CPU, "fp32", False, 100).precision == "fp32"
+    _fake_cpu(monkeypatch, amx=False, avx512_bf16=False)
+    forced = plan(CPU, "bf16", False, 100)
+    assert forced.precision == "bf16" and forced.memory_format == torch.channels_last
+
+
+def test_cuda_auto_is_bf16_channels_last_where_supported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decided from what torch reports, without a GPU: plan() never touches the device."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    s = plan(CUDA, "auto", None, 64_000)
+    assert (s.precision, s.memory_format, s.compile) == ("bf16", torch.channels_last, False)
+    assert s.tags() == {"precision": "bf16", "memory_format": "channels_last", "compiled": "false"}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
+    assert plan(CUDA, "auto", None, 64_000).precision == "fp32"
+
+
+def test_compile_auto_pays_only_for_long_cpu_runs_and_the_flag_forces_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(speed, "cxx_missing", lambda: None)
+    assert not choose_compile(CPU, None, COMPILE_AFTER_ITERATIONS_CPU - 1)
+    assert choose_compile(CPU, None, COMPILE_AFTER_ITERATIONS_CPU)
+    assert choose_compile(CPU, True, 10) and not choose_compile(CPU, False, 10**6)
+    assert not choose_compile(CUDA, None, 10**6)  # not measured on a GPU yet: eager unless forced
+    monkeypatch.setattr(speed, "cxx_missing", lambda: "g++")
+    assert not choose_compile(CPU, None, 10**6)  # auto never picks what cannot build
+
+
+def test_precision_is_a_validated_training_setting_and_old_compile_values_stay_valid() -> None:
+    assert TrainConfig(precision="bf16").config_hash() != TrainConfig(precision="fp32").config_hash()
+    assert TrainConfig().to_dict()["precision"] == "auto"
+    with pytest.raises(UserError, match="precision must be one of auto, fp32, bf16"):
+        TrainConfig(precision="fp16").validate()
+    cfg = TrainConfig()
+    assert cfg.compile is None  # auto
+    assert apply(cfg, {"compile": True}, "x.toml").compile is True  # TOML `compile = true`
+    assert apply(cfg, {"compile": "false"}, "--set").compile is False
+    assert apply(cfg, {"compile": "auto"}, "--set").compile is None
+    assert TrainConfig(compile=True).config_hash() == TrainConfig(compile=None).config_hash()
+
+
+def test_logits_are_fp32_under_bf16_autocast_and_argmax_matches_an_fp32_head() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet-8", in_channels=1).eval()
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.forward_features(x)
+        logits = model.forward_head(features)
+    assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    with torch.no_grad():
+        fp32_head = model.fc(torch.flatten(model.pool(features.float()), 1))
+    assert torch.equal(logits, fp32_head) and torch.equal(logits.argmax(1), fp32_head.argmax(1))
+
+
+def test_a_compile_failure_runs_eager_after_one_warning_line(monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    def broken(gm: torch.fx.GraphModule, example_inputs: list) -> None:
+        raise RuntimeError("no kernels today\nsecond line of a long trace")
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", broken)
+    torch.manual_seed(0)
+    model = build_model("resnet-8", in_channels=1)
+    step = CompiledStep(model)
+    x = torch.randn(8, 1, 28, 28)
+    with caplog.at_level(logging.WARNING, logger="resnet_lab.speed"):
+        first, second = step(x), step(x)
+    assert not step.compiled
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]
+    assert "torch.compile failed" in caplog.text and "training continues eager" in caplog.text
+    assert torch.equal(first, model(x)) and torch.equal(second, model(x))  # train mode: batch statistics
+
+
+# Ten different nets: each a new graph for ResNet.forward (torch's recompile limit is 8).
+TEN_NETS = [("resnet-8", "A"), ("resnet-8", "B"), ("resnet-8", "C"), ("plain-8", None), ("resnet-14", "A"),
+            ("resnet-14", "B"), ("resnet-14", "C"), ("plain-14", None), ("resnet-20", "A"), ("plain-20", None)]
+
+
+def test_an_inline_study_of_ten_nets_compiles_every_net(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: without fresh compiler caches per run, nets 9 and 10 would run eager, silently.
+
+    Each net is set up as ``train`` does (``prepare``, ``_start``) and takes two SGD steps; the
+    backend records each graph dynamo hands it and runs it as traced (inductor would spend
+    minutes compiling the same graphs; dynamo's recompile limit is hit before any backend)."""
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", counting)
+    per_net = []
+    for model, shortcut in TEN_NETS:
+        before = len(graphs)
+        cfg = TrainConfig(model=model, shortcut=shortcut, dataset="synthetic", iterations=2, batch_size=4,
+                          probes=False, compile=True, device="cpu", checkpoint_every=0)
+        setup = prepare(cfg)
+        state, step_model, _ = _start(setup)
+        batches = state.loader.batches()
+        for _ in range(2):
+            train_step(step_model, state, setup.cfg, next(batches), setup.speed)
+        per_net.append(len(graphs) - before)
+        assert step_model.compiled
+    assert all(n >= 1 for n in per_net), per_net
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not native_bf16(CPU), reason="this CPU has no native bf16 (AMX or AVX512-BF16): bf16 is "
+                    "emulated op by op here, auto never picks it, and 4 runs would take many minutes")
+def test_bf16_trains_like_fp32_on_real_fashion_mnist(fashion_mnist_dir: Path, tracking_uri: str) -> None:
+    """300 iterations of resnet-8: bf16 and fp32 from the same seed end closer than fp32 seeds do."""
+    base = TrainConfig(model="resnet-8", dataset="fashion-mnist", data_dir=str(fashion_mnist_dir), iterations=300,
+                       batch_size=64, log_every=50, eval_every=300, probes=False, checkpoint_every=0, device="cpu",
+                       compile=False, tracking_uri=tracking_uri, experiment="bf16-vs-fp32", progress=False)
+
+    def final_loss(**changes: object) -> float:
+        result = train(dataclasses.replace(base, **changes))
+        assert result.status == "FINISHED"
+        return result.metrics["train/loss"]  # mean over the last 50 iterations
+
+    fp32 = [final_loss(precision="fp32", seed=s) for s in (0, 1, 2)]
+    bf16 = final_loss(precision="bf16", seed=0)
+    spread = max(fp32) - min(fp32)
+    assert abs(bf16 - fp32[0]) < spread, (bf16, fp32)
+
+
+def test_evaluation_runs_in_the_run_precision_and_the_tags_say_which() -> None:
+    """A forced bf16 run (emulated on a CPU without it: kept tiny) evaluates under bf16 autocast
+    with fp32 logits, and its tags name the precision, layout and compile it used."""
+    cfg = TrainConfig(model="resnet-8", dataset="synthetic", iterations=4, batch_size=16, precision="bf16",
+                      compile=False, device="cpu", checkpoint_every=0, progress=False)
+    setup = prepare(cfg)
+    tags = run_tags(setup)
+    assert (tags["precision"], tags["memory_format"], tags["compiled"]) == ("bf16", "channels_last", "false")
+    split = Split(setup.data.test.images[:40], setup.data.test.labels[:40])
+    loader = DeviceLoader(split, batch_size=20, device=CPU, mean=setup.data.mean, std=setup.data.std, train=False)
+    loss, error = evaluate(setup.model, loader, setup.speed)
+    model = setup.model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.cat([model(x.contiguous(memory_format=torch.channels_last)) for x, _ in loader])
+    assert logits.dtype == torch.float32
+    assert loss == pytest.approx(F.cross_entropy(logits, split.labels).item(), rel=1e-5)
+    assert error == pytest.approx(100.0 * (logits.argmax(1) != split.labels).float().mean().item())
