@@ -189,7 +189,7 @@ def test_kill_9_at_ten_random_points_resumes_into_one_finished_run_with_the_same
 
         runs = _runs(client, experiment)
         assert len(runs) == 1 and runs[0].info.status == "RUNNING", [r.info.status for r in runs]
-        state = load_checkpoint(ckpt, torch.device("cpu"))  # always present and loadable after a kill
+        state = load_checkpoint(ckpt)  # always present and loadable after a kill
         assert state["run_id"] == runs[0].info.run_id
         iterations_at_kill.append(state["iteration"])
         tmps = {p.name for p in ckpt.parent.glob("*.tmp")}
