@@ -124,41 +124,11 @@ refused_on_cpu() {
 
 resume_to_one_finished_run() {
     lab train "${TRAIN_ARGS[@]}" --device "$DEV" || return 1
-    "$PY" - "$URI" "$ITERS" "$LOG_EVERY" <<'EOF'
-import sys
-from mlflow import MlflowClient
-uri, iters, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-client = MlflowClient(uri)
-runs = client.search_runs([client.get_experiment_by_name("smoke-resume").experiment_id])
-steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
-print("runs", [(r.info.run_name, r.info.status) for r in runs], "train/loss steps", steps[0], "..", steps[-1])
-assert len(runs) == 1 and runs[0].info.status == "FINISHED" and steps == list(range(every, iters + 1, every))
-assert "grad_norm/total" in runs[0].data.metrics  # the probes ran
-EOF
+    "$PY" benchmarks/smoke_checks.py resumed "$URI" "$ITERS" "$LOG_EVERY"
 }
 
 no_sync_in_the_step() {
-    "$PY" - "$DEV" "$MODEL" <<'EOF'
-import sys, torch
-from resnet_lab.config import TrainConfig
-from resnet_lab.train import _start, prepare, train_step
-device, depth = sys.argv[1], sys.argv[2]
-cfg = TrainConfig(model=f"resnet-{depth}", dataset="synthetic", iterations=35, device=device, progress=False,
-                  checkpoint_every=0, batch_size=128 if device == "cuda" else 32)
-setup = prepare(cfg)
-state, step_model, _ = _start(setup)
-batches = state.loader.batches()
-if device == "cuda":
-    torch.cuda.set_sync_debug_mode("error")  # any host sync in the step raises
-for _ in range(35):
-    train_step(step_model, state, setup.cfg, next(batches))
-if device == "cuda":
-    torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-loss_sum, errors = state.window.tolist()
-print(f"35 steps on {device}{' under sync debug mode error' if device == 'cuda' else ''}: "
-      f"iteration {state.iteration}, mean loss {loss_sum / (35 * cfg.batch_size):.3f}")
-EOF
+    "$PY" benchmarks/smoke_checks.py no-sync "$DEV" "$MODEL"
 }
 
 two_run_study() {
@@ -206,16 +176,7 @@ fashion_mnist() {
             --set "log_every=$((FASHION_ITERS / 10))" --set "eval_every=$FASHION_ITERS" --set checkpoint_every=0 \
             --set "batch_size=$BATCH" || return 1
     done
-    "$PY" - "$URI" <<'EOF'
-import statistics, sys
-from mlflow import MlflowClient
-client = MlflowClient(sys.argv[1])
-for run in client.search_runs([client.get_experiment_by_name("smoke-fashion").experiment_id]):
-    rates = [m.value for m in client.get_metric_history(run.info.run_id, "perf/images_per_s")]
-    print(f"RESULT {run.info.run_name} on {run.data.tags['device']}: {statistics.median(rates[1:] or rates):.0f} "
-          f"images/s (median of the log windows after the first), final test error "
-          f"{run.data.metrics['test/error']:.2f} %, {run.data.tags['total_iterations']} iterations")
-EOF
+    "$PY" benchmarks/smoke_checks.py fashion "$URI"
 }
 
 say "resnet_lab smoke ($DEV), log $LOG"
