@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
+import re
 import signal
 import socket
 import threading
@@ -26,7 +28,7 @@ from .data import DeviceLoader
 from .errors import UserError
 from .probes import Probes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors and plain containers only (weights_only), the run's own CUDA RNG state
 
 
 @dataclass
@@ -48,16 +50,18 @@ class TrainState:
     last: dict[str, float] = field(default_factory=dict)  # the last value of each logged metric
 
     def capture(self, run_id: str, config_hash: str) -> dict[str, Any]:
-        """The checkpoint: this state plus the run it belongs to and the config it trains."""
-        cuda = self.window.device.type == "cuda"
+        """The checkpoint: this state plus the run it belongs to and the config it trains.
+
+        Only tensors, numbers, strings and plain containers, so ``load`` can refuse anything else.
+        """
         return {"version": FORMAT_VERSION, "run_id": run_id, "config_hash": config_hash, "iteration": self.iteration,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "loader": self.loader.state_dict(), "probes": self.probes.state_dict(), "stats": self.window.clone(),
                 "window_iters": self.window_iters, "last": dict(self.last), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None}
+                "cuda_rng": _own_cuda_rng(self.window.device)}
 
     def restore(self, saved: dict[str, Any]) -> None:
-        """Put back every piece of a ``capture()``."""
+        """Put back every piece of a ``capture()`` (loaded on the CPU: each piece is copied to the device)."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.loader.load_state_dict(saved["loader"])
@@ -66,7 +70,18 @@ class TrainState:
         self.iteration, self.window_iters, self.last = saved["iteration"], saved["window_iters"], dict(saved["last"])
         torch.set_rng_state(saved["rng"].cpu())
         if self.window.device.type == "cuda" and saved["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all([t.cpu() for t in saved["cuda_rng"]])
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), self.window.device)
+
+
+def _own_cuda_rng(device: torch.device) -> torch.Tensor | None:
+    """The global CUDA generator's state of the run's own GPU; None off CUDA.
+
+    Not ``get_rng_state_all()``: that is one state per visible GPU, and restoring it raises
+    IndexError in a process that sees fewer (``--devices`` workers, Ray, a smaller node).
+    Nothing in training draws from this generator today (the loader has its own), so this is
+    only for a future random layer, and only the run's own GPU could matter to it.
+    """
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def checkpoint_path(cfg: TrainConfig) -> Path | None:
@@ -120,13 +135,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def load(path: Path, device: torch.device) -> dict[str, Any]:
+def load(path: Path) -> dict[str, Any]:
+    """A checkpoint, every tensor on the CPU (whichever GPU wrote it: ``restore`` copies each piece
+    to the run's device), unpickled with ``weights_only`` so a file in a shared folder cannot run code.
+
+    Deletion is advised only for a file that is not a checkpoint; a file that cannot be read
+    (permissions, I/O) is reported as such, since it may be a good checkpoint.
+    """
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start the run afresh") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}; fix its permissions or storage and "
+                        "rerun to resume") from None
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise UserError(f"checkpoint {path} holds an object of type {unsafe.group(1)}, not only tensors, numbers "
+                            "and strings: refused, as unpickling it could run code; delete it to start the run afresh"
+                            ) from None
+        raise UserError(f"checkpoint {path} is not a readable checkpoint (torn or foreign file); delete it to start "
+                        "the run afresh") from None
+    except (RuntimeError, EOFError, ValueError) as e:  # a torn zip archive, a truncated or foreign file
+        raise UserError(f"checkpoint {path} is not a readable checkpoint ({type(e).__name__}); delete it to start "
+                        "the run afresh") from None
     if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} has an unknown format; delete it to start the run afresh")
+        raise UserError(f"checkpoint {path} has an unknown format (written by another resnet_lab version?); "
+                        "delete it to start the run afresh")
     return state
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -112,8 +113,7 @@ class TrainConfig:
             raise UserError(f"milestones must be positive and strictly increasing iterations, got {self.milestones}")
         if self.iterations is not None:
             self.check_schedule(self.iterations)
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
-            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile:
@@ -153,6 +153,12 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def check_device_name(name: str) -> None:
+    """The form of a device name (whether that GPU exists is ``train.select_device``'s question)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def _positive(cfg: TrainConfig, name: str) -> None:

@@ -17,7 +17,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,12 +251,42 @@ def run_processes(runs: list[StudyRun], parent_id: str, tags: dict[str, str], re
 def _start_worker(ctx: Any, run: StudyRun, device: str, parent_id: str, tags: dict[str, str],
                   threads: int) -> _Worker:
     recv, send = ctx.Pipe(duplex=False)
-    cfg = dataclasses.replace(run.cfg, device=device, progress=False)
+    own_device, env = gpu_of_worker(device)
+    cfg = dataclasses.replace(run.cfg, device=own_device, progress=False)
     proc = ctx.Process(target=_worker, name=f"study-{run.name}", daemon=True,
                        args=(send, run, cfg, parent_id, tags, threads if device == "cpu" else None))
-    proc.start()
+    with _environ(env):  # a spawned process starts with this process's environment
+        proc.start()
     send.close()
     return _Worker(run, proc, recv, device, time.perf_counter())
+
+
+def gpu_of_worker(device: str) -> tuple[str, dict[str, str]]:
+    """``cuda:N`` -> ("cuda", {"CUDA_VISIBLE_DEVICES": GPU N}): the worker sees its GPU alone, so it is
+    also the current device that synchronize, memory stats and compile autotuning use (with
+    ``cuda:N`` in a process that sees every GPU, those touch GPU 0). N counts the GPUs this process
+    sees, so it is mapped through our own CUDA_VISIBLE_DEVICES. Other devices: unchanged, no variable.
+    """
+    if not device.startswith("cuda:"):
+        return device, {}
+    index = int(device.split(":")[1])
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return "cuda", {"CUDA_VISIBLE_DEVICES": visible[index] if visible else str(index)}
+
+
+@contextmanager
+def _environ(changes: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` for the duration (the study's process is single-threaded here)."""
+    before = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # ---------------------------------------------------------------- Ray (--launcher ray)

@@ -307,7 +307,7 @@ class Probes:
         ``drain`` must not lose them.
         """
         g = self.grad
-        return {"grad_rows": g.rows().copy() if g is not None else None,
+        return {"grad_rows": torch.from_numpy(g.rows().copy()) if g is not None else None,  # a tensor: weights_only
                 "grad_iterations": list(g.iterations) if g is not None else [],
                 "drained_step": self._drained_step, "pending": list(self._pending),
                 "flow": vars(self._flow).copy(), "resp": vars(self._resp).copy()}
@@ -316,7 +316,7 @@ class Probes:
         g = self.grad
         if g is not None and state["grad_rows"] is not None:
             g._full, g._pending_iters = [], []
-            g._host, g.iterations = [np.asarray(state["grad_rows"])], list(state["grad_iterations"])
+            g._host, g.iterations = [state["grad_rows"].numpy()], list(state["grad_iterations"])
         self._drained_step, self._pending = state["drained_step"], list(state["pending"])
         self._flow, self._resp = _PointSeries(**state["flow"]), _PointSeries(**state["resp"])
 

@@ -124,7 +124,7 @@ def _checkpointed_run(cfg: TrainConfig) -> tuple[str, int] | None:
     if path is None or not path.exists():
         return None
     try:
-        saved = load_checkpoint(path, torch.device("cpu"))
+        saved = load_checkpoint(path)
     except UserError:
         return None  # train() reports the unreadable checkpoint when it gets there
     if saved.get("config_hash") != cfg.config_hash():
@@ -253,7 +253,8 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
         print(f"resnet-lab study: warning: Ray workers on other nodes cannot reach the tracking store "
               f"{display_uri(uri)}; use an MLflow server (--tracking-uri http://HOST:5000)", file=sys.stderr)
 
-    ray_pool = launch.RayLauncher.connect(address, gpus_per_run) if launcher == "ray" and not dry_run else None
+    # A dry run joins Ray too: the scale and the device come from the cluster's GPUs, as in the real run.
+    ray_pool = launch.RayLauncher.connect(address, gpus_per_run) if launcher == "ray" else None
     try:
         study = _pick_scale(scales, path, scale, ray_pool)
         jobs = jobs or (len(device_list) if device_list else 1)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path, remove_stale_temps, save_atomic
 from .checkpoint import load as load_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, check_device_name
 from .data import Dataset, DeviceLoader, check_sizes, load_dataset
 from .errors import UserError, check_can_create
 from .models import ResNet, build_model, count_parameters
@@ -41,11 +41,18 @@ class TrainResult:
 
 
 def select_device(name: str) -> torch.device:
+    """``auto`` -> cuda if present, else cpu; a named device must exist here (one line if not)."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        have = "1 GPU (cuda:0)" if count == 1 else f"{count} GPUs (cuda:0..cuda:{count - 1})"
+        raise UserError(f"device {name!r} does not exist: this machine has {have}; use --device cuda or one of those")
+    return device
 
 
 def total_iterations(cfg: TrainConfig, train_examples: int) -> int:
@@ -176,11 +183,20 @@ def _open_run(setup: Setup, parent_run_id: str | None, extra_tags: dict[str, str
 
 
 def _resumable_checkpoint(setup: Setup) -> dict | None:
+    """The checkpoint of this config, if any; one written on another device type or precision is refused."""
     path = setup.checkpoint
     if path is None or not path.exists():
         return None
-    saved = load_checkpoint(path, setup.device)
-    return saved if saved.get("config_hash") == setup.config_hash else None
+    saved = load_checkpoint(path)
+    if saved.get("config_hash") != setup.config_hash:
+        return None
+    written, here = (saved["device_type"], saved["precision"]), (setup.device.type, setup.speed.precision)
+    if written != here:
+        # The rest of the run would switch precision, and the epoch's permutation would be redrawn by
+        # another device's generator (some images repeated, others skipped): not the same training.
+        raise UserError(f"checkpoint {path} was written on {written[0]} in {written[1]}, this run is on {here[0]} in "
+                        f"{here[1]}: resume it with --device {written[0]}, or delete it to train afresh here")
+    return saved
 
 
 def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None) -> TrainResult:
@@ -214,10 +230,10 @@ def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None)
                 bar.close()
                 reason = f"diverged: non-finite training loss between iterations {done - steps} and {done}"
                 return TrainResult(tracker.run_id, "FAILED", done, state.last, reason)
-            window_start = time.perf_counter()
             # A checkpoint every checkpoint_every iterations (the last one is the finished run).
             if setup.checkpoint is not None and done % cfg.checkpoint_every == 0 and done < total:
                 _checkpoint(setup, state, tracker)
+            window_start = time.perf_counter()  # after the checkpoint: its write is no training time
         # Ctrl-C / SIGTERM: stop between iterations, checkpointed, so a rerun continues from here.
         if stop.signum is not None:
             bar.close()
@@ -302,7 +318,8 @@ def _checkpoint(setup: Setup, state: TrainState, tracker: RunTracker) -> None:
     if setup.checkpoint is None:
         return
     tracker.flush()
-    save_atomic(state.capture(tracker.run_id, setup.config_hash), setup.checkpoint)
+    hardware = {"device_type": setup.device.type, "precision": setup.speed.precision}
+    save_atomic(state.capture(tracker.run_id, setup.config_hash) | hardware, setup.checkpoint)
 
 
 def _show(bar: tqdm, last: dict[str, float], steps: int) -> None:
