@@ -31,7 +31,8 @@ from torch import nn
 from bench_common import add_threads_option, header, load, pick_devices, set_threads, sync, write_csv
 from resnet_lab.data import load_dataset
 from resnet_lab.diagnostics import settings as S
-from resnet_lab.diagnostics.common import subset
+from resnet_lab.diagnostics.common import (BN_IMAGES, CURVATURE_IMAGES, LANDSCAPE_IMAGES, LESION_IMAGES,
+                                           SHATTERING_IMAGES, subset)
 from resnet_lab.diagnostics.curvature import curvature, Hessian, hutchinson_trace, power_iteration
 from resnet_lab.diagnostics.landscape import landscape
 from resnet_lab.diagnostics.lesion import lesion
@@ -62,11 +63,11 @@ class Inputs:
         self.data = load_dataset(data_name, download=False)
         self.device = device
 
-    def test(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def test(self, n: int, purpose: int = LESION_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.data
-        return subset(d.test, n, seed=0, purpose=1, mean=d.mean, std=d.std, device=self.device)
+        return subset(d.test, n, seed=0, purpose=purpose, mean=d.mean, std=d.std, device=self.device)
 
-    def train(self, n: int, purpose: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    def train(self, n: int, purpose: int = LANDSCAPE_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.data
         return subset(d.train, n, seed=0, purpose=purpose, mean=d.mean, std=d.std, device=self.device)
 
@@ -88,12 +89,12 @@ def run_whole(cfg: S.DiagnosticsSettings, model: nn.Module, init: dict, inp: Inp
     x, y = inp.train(cfg.landscape.train_images)
     out["landscape"] = (clock(lambda: landscape(model, init, x, y, cfg.landscape), dev)[0], "")
     c = cfg.curvature
-    x, y = inp.train(c.images * c.subsets, purpose=3)
+    x, y = inp.train(c.images * c.subsets, purpose=CURVATURE_IMAGES)
     t, (df, _) = clock(lambda: curvature(model, x, y, c), dev)
     out["curvature"] = (t, f"its {'/'.join(str(i) for i in df.iterations)}")
     sh = cfg.shattering
-    x, y = inp.test(2 * sh.pairs)
-    bn, _ = inp.train(sh.bn_images, purpose=4)
+    x, y = inp.test(2 * sh.pairs, SHATTERING_IMAGES)
+    bn, _ = inp.train(sh.bn_images, purpose=BN_IMAGES)
     out["shattering"] = (clock(lambda: shattering(model, x, y, bn, sh), dev)[0], "one moment")
     return out
 
@@ -116,7 +117,7 @@ def full_extrapolated(model: nn.Module, init: dict, inp: Inputs) -> dict[str, tu
     scale = passes(F_.landscape) / passes(la) * F_.landscape.train_images / la.train_images
     out["landscape"] = (t * scale, f"x{scale:.0f} of {passes(la)} passes")
     c = F_.curvature
-    x, y = inp.train(c.batch_size, purpose=3)
+    x, y = inp.train(c.batch_size, purpose=CURVATURE_IMAGES)
     H = Hessian(model, x, y, c.batch_size, nn.CrossEntropyLoss())
     g = torch.Generator().manual_seed(0)
     probe = dataclasses.replace(c, power_max_iterations=3, power_tolerance=1e-12)
@@ -128,7 +129,7 @@ def full_extrapolated(model: nn.Module, init: dict, inp: Inputs) -> dict[str, tu
                         f"{c.hutchinson_vectors // c.hutchinson_block} blocks at {t_blk:.2f}s")
     sh = dataclasses.replace(F_.shattering, pairs=1)
     x, y = inp.test(2)
-    bn, _ = inp.train(sh.bn_images, purpose=4)
+    bn, _ = inp.train(sh.bn_images, purpose=BN_IMAGES)
     t = clock(lambda: shattering(model, x, y, bn, sh), dev)[0]
     out["shattering"] = (t * F_.shattering.pairs, f"x{F_.shattering.pairs} pairs, one moment")
     return out
@@ -136,7 +137,7 @@ def full_extrapolated(model: nn.Module, init: dict, inp: Inputs) -> dict[str, tu
 
 def sweep(cfg: S.ShatteringSettings, inp: Inputs) -> float:
     x, y = inp.test(2 * cfg.pairs)
-    bn, _ = inp.train(cfg.bn_images, purpose=4)
+    bn, _ = inp.train(cfg.bn_images, purpose=BN_IMAGES)
     d = inp.data
     return clock(lambda: depth_sweep(x, y, bn, cfg, in_channels=d.in_channels, num_classes=d.num_classes), inp.device)[0]
 
