@@ -135,10 +135,28 @@ def test_diagnose_logs_every_table_and_metric_into_each_run_and_a_rerun_logs_not
     sweep = pd.read_parquet(client.download_artifacts(parent.info.run_id, f"diagnostics/{SWEEP}.parquet"))
     assert set(zip(sweep["arch"], sweep["depth"])) == {(a, d) for a in ("plain", "resnet") for d in (8, 14)}
 
+    _report_has_the_diagnostics(tmp_path, tracking_uri, "diag_e2e")
+
     before = _snapshot(client, "diag_e2e")
     assert main(["diagnose", str(path), "--tracking-uri", tracking_uri, "--no-progress"]) == 0
     assert "diagnostics logged: 0; already logged with the same settings: 8" in capsys.readouterr().out
     assert _snapshot(client, "diag_e2e") == before
+
+
+def _report_has_the_diagnostics(tmp_path: Path, uri: str, name: str) -> None:
+    """The report's section: the four figures (PNG + PDF) and, for each, a sentence set beside its paper."""
+    from analysis.report import write_report
+
+    md = write_report(name, tracking_uri=uri, out_dir=tmp_path / "reports", log_to_mlflow=False).read_text()
+    section = md[md.index("## Why the deep plain nets degrade"):]
+    for fig in NAMES:
+        assert (tmp_path / "reports" / name / "figures" / f"{fig}.png").stat().st_size > 0
+        assert (tmp_path / "reports" / name / "figures" / f"{fig}.pdf").exists()
+        assert f"figures/{fig}.png" in section
+    for paper in ("Veit et al. 2016", "Li et al. 2018", "PyHessian", "Balduzzi et al. 2017"):
+        line = next((l for l in section.splitlines() if l.startswith("- ") and paper in l), f"no sentence: {paper}")
+        assert " consistent with " in line or " unlike " in line, line
+    assert "Not run for this study" not in section
 
 
 def test_sigkill_mid_diagnose_leaves_each_diagnostic_complete_or_absent_and_a_rerun_completes(
@@ -210,3 +228,8 @@ def test_bad_input_is_one_line_exit_2_and_logs_nothing(tmp_path: Path, tracking_
         assert all(w in err for w in words), (kind, err)
         assert _snapshot(client, "diag_bad") == before, kind
     assert not (tmp_path / "none.db").exists() and client.get_experiment_by_name("diag_never_run") is None
+
+    from analysis.report import write_report  # a study without diagnostics: the report says so, per diagnostic
+
+    md = write_report("diag_bad", tracking_uri=tracking_uri, out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
+    assert md.count("Not run for this study") == 4 and not list((tmp_path / "r").rglob("lesion.png"))
