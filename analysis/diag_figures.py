@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .figures import FigureResult, _not_drawn, _save
 from .runs import SWEEP, Study
@@ -33,7 +34,8 @@ def _depths(table: pd.DataFrame) -> list[int]:
 def _arch_legend(fig: Figure, archs: set[str], extra: list[tuple[str, dict]] = ()) -> None:  # type: ignore[assignment]
     items = [(ARCH_LABEL[a], {"color": ARCH_COLOR[a], "marker": ARCH_MARKER[a]}) for a in ARCHS if a in archs]
     items += list(extra)
-    fig.legend(handles=legend_handles(items), loc="outside upper center", ncols=len(items))
+    ncols = len(items) if fig.get_figwidth() > 2.6 * len(items) else 2
+    fig.legend(handles=legend_handles(items), loc="outside upper center", ncols=ncols)
 
 
 def _missing(study: Study, name: str) -> list[str]:
@@ -65,7 +67,7 @@ def draw_lesion(table: pd.DataFrame) -> Figure:
     a plain net cannot delete marked x). Bottom row: error against the number k of deleted blocks."""
     depths = _depths(table)
     with matplotlib.rc_context(STYLE):
-        fig = Figure(figsize=(4.2 * len(depths) + 0.6, 7.0), layout="constrained")
+        fig = Figure(figsize=(max(7.0, 4.2 * len(depths) + 0.6), 7.4), layout="constrained")
         axes = fig.subplots(2, len(depths), squeeze=False)
         for col, depth in enumerate(depths):
             t = table[table["depth"] == depth]
@@ -87,6 +89,8 @@ def draw_lesion(table: pd.DataFrame) -> Figure:
                 band(bottom, kb, "k", "error", color=color, marker=ARCH_MARKER[arch], markersize=4, lw=1.4)
             top.set(title=f"depth {depth}", xlabel="deleted block (position)", ylabel="test error (%)")
             bottom.set(xlabel="blocks deleted (k)", ylabel="test error (%)")
+            for ax in (top, bottom):
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _arch_legend(fig, set(table["arch"]), [("no block deleted", {"color": "0.3", "ls": "--"}),
                                                ("cannot be deleted (changes shape)",
                                                 {"color": "0.3", "marker": "x", "ls": "none"})])
@@ -227,6 +231,7 @@ def draw_shattering(init: pd.DataFrame, runs_table: pd.DataFrame | None = None) 
             band(left, g, "lag", "rho", color=colors[(arch, int(depth))], lw=1.3,
                  ls="-" if arch == "residual" else "--")
         left.set(title="at init: correlation against lag", xlabel="lag (points on the line)", ylabel="rho(lag)")
+        left.xaxis.set_major_locator(MaxNLocator(integer=True))
         for arch in ARCHS:
             g = init[(init["arch"] == arch) & (init["lag"] == 1)]
             if len(g):

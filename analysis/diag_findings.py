@@ -16,6 +16,7 @@ from .findings import interval_text
 from .runs import SWEEP, Study, display_name
 from .stats import mean_sd_n, paired
 
+NEAR_BASELINE_POINTS = 2.0  # a mean single-deletion increase below this many points counts as "near baseline"
 PUBLISHED = {
     "lesion": "Veit et al. 2016: deleting one block of a ResNet leaves the error near baseline except at "
               "downsampling blocks; a plain net collapses",
@@ -77,9 +78,13 @@ def lesion_findings(runs: pd.DataFrame, table: pd.DataFrame | None) -> list[str]
                 worst = f"; ResNet-{depth}'s worst single deletion is {top}" + \
                         (" (a downsampling block, stage entry)" if top.endswith("block0") and "stage1" not in top else "")
         na = 0 if table is None else table[(table["model"] == plain) & (table["kind"] == "not_applicable")]["block"].nunique()
+        near = p is not None and p.b_mean < NEAR_BASELINE_POINTS
+        verdict = _verdict(_agree(p) and near if _agree(p) is not None else None)
         out.append(f"Deleting one block raises the test error on average by {_versus(runs, col, plain, resnet, ' points')}"
                    f" for {display_name(plain)} vs {display_name(resnet)} ({na} plain blocks change shape and cannot "
-                   f"be deleted){worst}: {_verdict(_agree(p))} {PUBLISHED['lesion']}.")
+                   f"be deleted){worst}; the ResNet's error stays {'near' if near else 'not near'} baseline (mean "
+                   f"increase {'below' if near else 'at least'} {NEAR_BASELINE_POINTS:g} points): {verdict} "
+                   f"{PUBLISHED['lesion']}.")
     return out
 
 
@@ -113,6 +118,9 @@ def curvature_findings(runs: pd.DataFrame) -> list[str]:
     plain, resnet = _growth(runs, col, True), _growth(runs, col, False)
     out = [f"At depth {d}, lambda_max of {display_name(p)} vs {display_name(r)}: {_versus(runs, col, p, r)}."
            for d, p, r in _pairs(runs, col)]
+    if out and not (plain and resnet):
+        out.append(f"With one depth per architecture the growth with depth cannot be read: "
+                   f"{_verdict(None)} {PUBLISHED['curvature']}.")
     if plain and resnet:
         agree = plain[0] > 1 and plain[0] > resnet[0]
         out.append(f"The top Hessian eigenvalue goes from {plain[1]} (x{_num(plain[0])}) for the plain nets and from "

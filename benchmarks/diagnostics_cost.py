@@ -48,11 +48,16 @@ SMOKE = S.DiagnosticsSettings(  # --smoke: only checks that the script runs (tes
                                     batch_size=4))
 
 
+CPU_SECONDS: list[float] = []  # process CPU time of each clock() call: on a loaded shared machine, with one
+# thread, closer to what a quiet core would take than the wall time is
+
+
 def clock(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
+    CPU_SECONDS.append(time.process_time() - c0)
     return time.perf_counter() - t0, out
 
 
@@ -136,7 +141,7 @@ def full_extrapolated(model: nn.Module, init: dict, inp: Inputs) -> dict[str, tu
 
 
 def sweep(cfg: S.ShatteringSettings, inp: Inputs) -> float:
-    x, y = inp.test(2 * cfg.pairs)
+    x, y = inp.test(2 * cfg.pairs, SHATTERING_IMAGES)
     bn, _ = inp.train(cfg.bn_images, purpose=BN_IMAGES)
     d = inp.data
     return clock(lambda: depth_sweep(x, y, bn, cfg, in_channels=d.in_channels, num_classes=d.num_classes), inp.device)[0]
@@ -203,16 +208,18 @@ def main() -> None:
                 model, init = nets(name, inp)
                 res = (run_whole(cpu_cfg if scale == "cpu" else S.FULL, model, init, inp) if mode in ("whole", "measure")
                        else full_extrapolated(model, init, inp))
-                for diag, (sec, note) in res.items():
+                cpu_s = CPU_SECONDS[-len(res):] if mode == "whole" else [float("nan")] * len(res)
+                for (diag, (sec, note)), cpu in zip(res.items(), cpu_s):
                     rows.append(dict(device=dev.type, scale=scale, net=name, diagnostic=diag, seconds=sec,
-                                     note=f"{mode}{'; ' + note if note else ''}"))
+                                     note=f"{mode}{'; ' + note if note else ''}; process cpu {cpu:.1f} s"))
                     print(f"{dev.type:5} {scale:5} {name:10} {diag:11} {sec:9.2f} s  {rows[-1]['note']}", flush=True)
                 if args.csv:  # rewritten after each net, so a stopped run keeps what it measured
                     write_csv(args.csv, rows)
             if not args.no_sweep and mode != "extrapolate":
                 cfg = (cpu_cfg if scale == "cpu" else S.FULL).shattering
                 rows.append(dict(device=dev.type, scale=scale, net=f"plain+resnet {'/'.join(map(str, cfg.sweep_depths))} "
-                                 f"x{cfg.sweep_seeds} seeds", diagnostic="shattering_sweep", seconds=sweep(cfg, inp), note=mode))
+                                 f"x{cfg.sweep_seeds} seeds", diagnostic="shattering_sweep", seconds=sweep(cfg, inp),
+                                 note=f"{mode}; process cpu {CPU_SECONDS[-1]:.1f} s"))
     print(f"\n{'device':6} {'scale':5} {'net':28} {'diagnostic':16} {'seconds':>9}  note")
     for r in rows:
         print(f"{r['device']:6} {r['scale']:5} {r['net']:28} {r['diagnostic']:16} {r['seconds']:9.3g}  {r['note']}")
