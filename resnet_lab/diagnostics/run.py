@@ -26,9 +26,12 @@ sizes) happens before the first log call, so bad input logs nothing.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -121,6 +124,20 @@ def run_data(run: Any, cfg: dict[str, Any]) -> Dataset:
                                                     "train_size")))
     except UserError as e:
         raise UserError(f"run {run.info.run_id} ({run.info.run_name}): {e}") from None
+
+
+@contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No MLflow 'Downloading artifacts' bar per weights file: the diagnostics have their own bars."""
+    key, old = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def run_config(client: Any, run: Any) -> dict[str, Any]:
@@ -271,13 +288,14 @@ def diagnose(study_file: str | Path | None = None, run_id: str | None = None, *,
     client = open_store(absolute_uri(resolve_tracking_uri(tracking_uri)))
     parent, runs = study_runs(client, study) if study is not None else (None, [_get_run(client, run_id)])
     result, jobs = DiagnoseResult(), []
-    for run in runs:
-        check_run(client, run)
-        todo = todo_of(run, names, plan.settings)
-        result.already += len(names) - len(todo)
-        if todo:
-            jobs.append(prepare(client, run, Job(run.info.run_id, run.info.run_name, todo, plan.settings), device))
-    sweep = _sweep_job(client, parent, runs[0], names, plan.settings, device) if parent is not None else None
+    with _quiet_downloads():
+        for run in runs:
+            check_run(client, run)
+            todo = todo_of(run, names, plan.settings)
+            result.already += len(names) - len(todo)
+            if todo:
+                jobs.append(prepare(client, run, Job(run.info.run_id, run.info.run_name, todo, plan.settings), device))
+        sweep = _sweep_job(client, parent, runs[0], names, plan.settings, device) if parent is not None else None
     # ---- everything checked: from here on, logging
     for job in jobs:
         _run_job(client, job, result, progress)
