@@ -271,7 +271,9 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     agg = aggregate(study.runs)
     anchor = anchor_for(study.name)
     summary = summarize(study.runs, study.grad_flow, study.responses, anchor, study.grad_norm_series)
-    notes = _dedupe(study.notes + missing_pairs(study) + [n for f in figures + diag_figures for n in f.notes])
+    # a diagnostic not run is said in its own section; only the nets a drawn diagnostic figure lacks are notes
+    notes = _dedupe(study.notes + missing_pairs(study) + [n for f in figures for n in f.notes]
+                    + [n for f in diag_figures if f.made for n in f.notes])
 
     doc = Doc()
     scale = f" ({study.scale} scale)" if study.scale else ""
