@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEST_STAMP := $(VENV)/.installed-test-stamp
 STUDY  ?= experiments/fashion_mnist.toml
 STUDY_ARGS ?=
+DIAGNOSE_ARGS ?=
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 PORT   ?= 5000
@@ -46,11 +47,15 @@ data: setup
 	{ $$sudo $(APT_GET) update -q >/dev/null 2>&1; $$sudo $(APT_GET) install -y -q $(DATA_PACKAGE) >/dev/null; } || \
 	{ echo "make data: installing $(DATA_PACKAGE) failed: run 'sudo apt-get install $(DATA_PACKAGE)' by hand (or set FASHION_MNIST_DIR) and start again" >&2; exit 2; }
 
-# Trains what is not done yet (rerunning resumes), then writes reports/<study>/ and prints its path.
-# The report is written even when some runs failed (they are listed in it); the exit status keeps the failure.
+# Trains what is not done yet (rerunning resumes), runs the diagnostics the finished runs lack
+# (`resnet-lab diagnose`, also resumable), then writes reports/<study>/ and prints its path.
+# The report is written even when some runs or diagnostics failed (it lists what is missing); the
+# exit status keeps the first failure.
 depth-study: setup data
 	@status=0; $(BIN)/resnet-lab study $(STUDY) $(STUDY_ARGS) || status=$$?; \
-	if [ $$status -eq 0 ] || [ $$status -eq 1 ]; then $(BIN)/resnet-lab report $(STUDY) || exit $$?; fi; \
+	if [ $$status -eq 0 ] || [ $$status -eq 1 ]; then \
+	  $(BIN)/resnet-lab diagnose $(STUDY) $(DIAGNOSE_ARGS) || { d=$$?; [ $$status -ne 0 ] || status=$$d; }; \
+	  $(BIN)/resnet-lab report $(STUDY) || exit $$?; fi; \
 	exit $$status
 
 report: setup

@@ -25,6 +25,8 @@ from resnet_lab.config import NOT_TRAINING
 from resnet_lab.tracking import display_uri
 
 from .anchors import Anchor, anchor_for
+from .diag_figures import DIAG_FIGURES, make_diag_figures
+from .diag_findings import PUBLISHED, diagnostic_findings
 from .figures import FIGURES, FigureResult, make_figures, missing_pairs
 from .findings import flow_ratios, pct, ratio_text, summarize
 from .runs import Study, aggregate, display_name
@@ -260,15 +262,18 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
     figures = figures if figures is not None else make_figures(study, fig_dir)
-    made = {f.name for f in figures if f.made}
-    for name in set(FIGURES) - made:  # a figure this study cannot draw must not survive from an earlier report
+    diag_figures = make_diag_figures(study, fig_dir)
+    made = {f.name for f in figures + diag_figures if f.made}
+    for name in (set(FIGURES) | set(DIAG_FIGURES)) - made:  # a figure this study cannot draw must not survive from an earlier report
         for ext in ("png", "pdf"):
             (fig_dir / f"{name}.{ext}").unlink(missing_ok=True)
     t_fig = time.perf_counter() - t0
     agg = aggregate(study.runs)
     anchor = anchor_for(study.name)
     summary = summarize(study.runs, study.grad_flow, study.responses, anchor, study.grad_norm_series)
-    notes = _dedupe(study.notes + missing_pairs(study) + [n for f in figures for n in f.notes])
+    # a diagnostic not run is said in its own section; only the nets a drawn diagnostic figure lacks are notes
+    notes = _dedupe(study.notes + missing_pairs(study) + [n for f in figures for n in f.notes]
+                    + [n for f in diag_figures if f.made for n in f.notes])
 
     doc = Doc()
     scale = f" ({study.scale} scale)" if study.scale else ""
@@ -308,6 +313,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
         doc.figure(f, i, "figures")
     if not made:
         doc.p("No figure could be drawn (see Notes).")
+    _diagnostics_section(doc, study, diag_figures, len(made))
     if notes:
         doc.h(2, "Notes")
         doc.ul(notes)
@@ -324,6 +330,26 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     md.write_text(doc.markdown())
     page.write_text(doc.html(f"Study report: {study.name}"))
     return Report(study, out_dir, figures, summary, notes, md, page)
+
+
+def _diagnostics_section(doc: Doc, study: Study, figures: list[FigureResult], numbered: int) -> None:
+    """Each diagnostic: its figure (numbered after the others), its sentences beside the published
+    finding, or a line saying it was not run."""
+    doc.h(2, "Why the deep plain nets degrade")
+    doc.p("Four diagnostics on the trained nets (`resnet-lab diagnose`, logged into each run as "
+          "`diagnostics/<name>.parquet` and `diag/<name>/*` metrics): what the shortcut changes beyond gradient size.")
+    sentences = diagnostic_findings(study)
+    for fig in figures:
+        doc.h(3, fig.title)
+        if fig.made:
+            numbered += 1
+            doc.figure(fig, numbered, "figures")
+        doc.ul(sentences.get(fig.name, []))
+        if not fig.made:
+            doc.p(f"Not run for this study: {fig.name} has no numbers here (run `resnet-lab diagnose STUDY_FILE`). "
+                  f"Published: {PUBLISHED[fig.name]}.")
+        elif not sentences.get(fig.name):
+            doc.p(f"No plain/ResNet pair to compare. Published: {PUBLISHED[fig.name]}.")
 
 
 def _figure_ref(figures: list[FigureResult], name: str) -> str:

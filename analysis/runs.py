@@ -57,6 +57,8 @@ IO_THREADS = 8
 BULK_ENDPOINT = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"  # the tracking server's bulk history read
 BULK_MAX_RUNS, BULK_MAX_POINTS = 100, 25000  # the server's limits on one bulk answer
 DIAG_PREFIX = "diag/"  # per-run diagnostic numbers: a ``diag_*`` column each in ``runs``
+DIAGNOSTICS = ("lesion", "landscape", "curvature", "shattering")  # per-run tables diagnostics/<name>.parquet
+SWEEP = "shattering_sweep"  # the parent run's table: shattering at init over depths (no training run)
 
 
 def metric_column(key: str) -> str:
@@ -99,6 +101,9 @@ class Study:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per loading phase
     left_out: pd.DataFrame | None = None  # child runs not used (unfinished, superseded), with why
+    # diagnostics/<name>.parquet of each run that has diagnostic <name> (its diag.<name> tag), ID columns
+    # added; "shattering_sweep" from the parent run. A diagnostic no run has is absent.
+    diagnostics: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def scale(self) -> str | None:
@@ -115,7 +120,8 @@ class Study:
         return replace(self, runs=pick(self.runs), curves=pick(self.curves), grad_norms=pick(self.grad_norms),
                        grad_norm_series=pick(self.grad_norm_series), grad_flow=pick(self.grad_flow),
                        responses=pick(self.responses), params={k: v for k, v in self.params.items() if k in ids},
-                       notes=list(self.notes))
+                       notes=list(self.notes),
+                       diagnostics={k: pick(v) if "run_id" in v else v for k, v in self.diagnostics.items()})
 
 
 # --------------------------------------------------------------------------- loading
@@ -176,6 +182,9 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
         missing = [n for n in runs_df["run_name"] if n not in set(tables.get("_have", []))]
         if missing:
             notes.append(f"no probe artifacts for {', '.join(missing)}: left out of the gradient and response figures")
+    t3 = time.perf_counter()
+    diagnostics = _load_diagnostics(client, uri, runs_df, children, parent) if probes else {}
+    timings["diagnostics"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
     return Study(
         name=study, tracking_uri=uri, experiment_id=exp.experiment_id, parent=parent, runs=runs_df, curves=curves,
@@ -183,7 +192,7 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
         grad_norm_series=tables.get("grad_norm_series", empty["grad_norm_series"]),
         grad_flow=tables.get("grad_flow", empty["grad_flow"]),
         responses=tables.get("responses", empty["responses"]),
-        params=params, notes=notes, timings=timings, left_out=left_out)
+        params=params, notes=notes, timings=timings, left_out=left_out, diagnostics=diagnostics)
 
 
 def _require_sqlite_file(uri: str) -> None:
@@ -404,6 +413,44 @@ def _rest_history_bulk(store: Any, run_ids: list[str], key: str) -> list[tuple[s
             continue
         out += [(m["run_id"], int(m.get("step", 0)), float(m["value"]), int(m.get("timestamp", 0))) for m in found]
     return out
+
+
+# --------------------------------------------------------------------------- diagnostics artifacts
+
+
+def _read_table(uri: str, artifact_uri: str, name: str) -> pd.DataFrame | None:
+    """``diagnostics/<name>.parquet`` of one run; None when it cannot be read."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        repo = get_artifact_repository(artifact_uri, tracking_uri=uri)
+        with local_artifacts(repo, f"diagnostics/{name}.parquet") as path:
+            return pd.read_parquet(path)
+    except Exception:  # noqa: BLE001 - a table that is not there counts as a diagnostic not run
+        return None
+
+
+def _load_diagnostics(client: Any, uri: str, runs: pd.DataFrame, children: list[Any],
+                      parent: ParentRun | None) -> dict[str, pd.DataFrame]:
+    """The tables of each run that has the diagnostic (its completion tag ``diag.<name>``), and the
+    parent's shattering sweep: one artifact read each, in a thread pool."""
+    by_id = {r.info.run_id: r for r in children}
+    meta = runs[ID_COLUMNS].set_index("run_id")
+    wanted = [(rid, n) for rid in runs["run_id"] for n in DIAGNOSTICS if f"diag.{n}" in by_id[rid].data.tags]
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        tables = list(pool.map(lambda w: _read_table(uri, by_id[w[0]].info.artifact_uri, w[1]), wanted))
+    out: dict[str, list[pd.DataFrame]] = {}
+    for (rid, name), t in zip(wanted, tables):
+        if t is not None:
+            m = meta.loc[rid]
+            out.setdefault(name, []).append(t.assign(run_id=rid, model=m["model"], arch=m["arch"], depth=m["depth"],
+                                                     seed=m["seed"]))
+    frames = {k: pd.concat(v, ignore_index=True) for k, v in out.items()}
+    if parent is not None and f"diag.{SWEEP}" in parent.tags:
+        sweep = _read_table(uri, client.get_run(parent.run_id).info.artifact_uri, SWEEP)
+        if sweep is not None:
+            frames[SWEEP] = sweep.assign(arch=sweep["arch"].replace({"resnet": "residual"}))
+    return frames
 
 
 # --------------------------------------------------------------------------- probe artifacts

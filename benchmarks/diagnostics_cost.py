@@ -31,7 +31,8 @@ from torch import nn
 from bench_common import add_threads_option, header, load, pick_devices, set_threads, sync, write_csv
 from resnet_lab.data import load_dataset
 from resnet_lab.diagnostics import settings as S
-from resnet_lab.diagnostics.common import subset
+from resnet_lab.diagnostics.common import (BN_IMAGES, CURVATURE_IMAGES, LANDSCAPE_IMAGES, LESION_IMAGES,
+                                           SHATTERING_IMAGES, subset)
 from resnet_lab.diagnostics.curvature import curvature, Hessian, hutchinson_trace, power_iteration
 from resnet_lab.diagnostics.landscape import landscape
 from resnet_lab.diagnostics.lesion import lesion
@@ -47,11 +48,16 @@ SMOKE = S.DiagnosticsSettings(  # --smoke: only checks that the script runs (tes
                                     batch_size=4))
 
 
+CPU_SECONDS: list[float] = []  # process CPU time of each clock() call: on a loaded shared machine, with one
+# thread, closer to what a quiet core would take than the wall time is
+
+
 def clock(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
+    CPU_SECONDS.append(time.process_time() - c0)
     return time.perf_counter() - t0, out
 
 
@@ -62,11 +68,11 @@ class Inputs:
         self.data = load_dataset(data_name, download=False)
         self.device = device
 
-    def test(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def test(self, n: int, purpose: int = LESION_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.data
-        return subset(d.test, n, seed=0, purpose=1, mean=d.mean, std=d.std, device=self.device)
+        return subset(d.test, n, seed=0, purpose=purpose, mean=d.mean, std=d.std, device=self.device)
 
-    def train(self, n: int, purpose: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    def train(self, n: int, purpose: int = LANDSCAPE_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.data
         return subset(d.train, n, seed=0, purpose=purpose, mean=d.mean, std=d.std, device=self.device)
 
@@ -88,12 +94,12 @@ def run_whole(cfg: S.DiagnosticsSettings, model: nn.Module, init: dict, inp: Inp
     x, y = inp.train(cfg.landscape.train_images)
     out["landscape"] = (clock(lambda: landscape(model, init, x, y, cfg.landscape), dev)[0], "")
     c = cfg.curvature
-    x, y = inp.train(c.images * c.subsets, purpose=3)
+    x, y = inp.train(c.images * c.subsets, purpose=CURVATURE_IMAGES)
     t, (df, _) = clock(lambda: curvature(model, x, y, c), dev)
     out["curvature"] = (t, f"its {'/'.join(str(i) for i in df.iterations)}")
     sh = cfg.shattering
-    x, y = inp.test(2 * sh.pairs)
-    bn, _ = inp.train(sh.bn_images, purpose=4)
+    x, y = inp.test(2 * sh.pairs, SHATTERING_IMAGES)
+    bn, _ = inp.train(sh.bn_images, purpose=BN_IMAGES)
     out["shattering"] = (clock(lambda: shattering(model, x, y, bn, sh), dev)[0], "one moment")
     return out
 
@@ -116,7 +122,7 @@ def full_extrapolated(model: nn.Module, init: dict, inp: Inputs) -> dict[str, tu
     scale = passes(F_.landscape) / passes(la) * F_.landscape.train_images / la.train_images
     out["landscape"] = (t * scale, f"x{scale:.0f} of {passes(la)} passes")
     c = F_.curvature
-    x, y = inp.train(c.batch_size, purpose=3)
+    x, y = inp.train(c.batch_size, purpose=CURVATURE_IMAGES)
     H = Hessian(model, x, y, c.batch_size, nn.CrossEntropyLoss())
     g = torch.Generator().manual_seed(0)
     probe = dataclasses.replace(c, power_max_iterations=3, power_tolerance=1e-12)
@@ -128,15 +134,15 @@ def full_extrapolated(model: nn.Module, init: dict, inp: Inputs) -> dict[str, tu
                         f"{c.hutchinson_vectors // c.hutchinson_block} blocks at {t_blk:.2f}s")
     sh = dataclasses.replace(F_.shattering, pairs=1)
     x, y = inp.test(2)
-    bn, _ = inp.train(sh.bn_images, purpose=4)
+    bn, _ = inp.train(sh.bn_images, purpose=BN_IMAGES)
     t = clock(lambda: shattering(model, x, y, bn, sh), dev)[0]
     out["shattering"] = (t * F_.shattering.pairs, f"x{F_.shattering.pairs} pairs, one moment")
     return out
 
 
 def sweep(cfg: S.ShatteringSettings, inp: Inputs) -> float:
-    x, y = inp.test(2 * cfg.pairs)
-    bn, _ = inp.train(cfg.bn_images, purpose=4)
+    x, y = inp.test(2 * cfg.pairs, SHATTERING_IMAGES)
+    bn, _ = inp.train(cfg.bn_images, purpose=BN_IMAGES)
     d = inp.data
     return clock(lambda: depth_sweep(x, y, bn, cfg, in_channels=d.in_channels, num_classes=d.num_classes), inp.device)[0]
 
@@ -202,16 +208,18 @@ def main() -> None:
                 model, init = nets(name, inp)
                 res = (run_whole(cpu_cfg if scale == "cpu" else S.FULL, model, init, inp) if mode in ("whole", "measure")
                        else full_extrapolated(model, init, inp))
-                for diag, (sec, note) in res.items():
+                cpu_s = CPU_SECONDS[-len(res):] if mode == "whole" else [float("nan")] * len(res)
+                for (diag, (sec, note)), cpu in zip(res.items(), cpu_s):
                     rows.append(dict(device=dev.type, scale=scale, net=name, diagnostic=diag, seconds=sec,
-                                     note=f"{mode}{'; ' + note if note else ''}"))
+                                     note=f"{mode}{'; ' + note if note else ''}; process cpu {cpu:.1f} s"))
                     print(f"{dev.type:5} {scale:5} {name:10} {diag:11} {sec:9.2f} s  {rows[-1]['note']}", flush=True)
                 if args.csv:  # rewritten after each net, so a stopped run keeps what it measured
                     write_csv(args.csv, rows)
             if not args.no_sweep and mode != "extrapolate":
                 cfg = (cpu_cfg if scale == "cpu" else S.FULL).shattering
                 rows.append(dict(device=dev.type, scale=scale, net=f"plain+resnet {'/'.join(map(str, cfg.sweep_depths))} "
-                                 f"x{cfg.sweep_seeds} seeds", diagnostic="shattering_sweep", seconds=sweep(cfg, inp), note=mode))
+                                 f"x{cfg.sweep_seeds} seeds", diagnostic="shattering_sweep", seconds=sweep(cfg, inp),
+                                 note=f"{mode}; process cpu {CPU_SECONDS[-1]:.1f} s"))
     print(f"\n{'device':6} {'scale':5} {'net':28} {'diagnostic':16} {'seconds':>9}  note")
     for r in rows:
         print(f"{r['device']:6} {r['scale']:5} {r['net']:28} {r['diagnostic']:16} {r['seconds']:9.3g}  {r['note']}")

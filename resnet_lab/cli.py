@@ -104,8 +104,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_describe)
     from analysis import report
     from . import study, ui
+    from .diagnostics import command as diagnose
 
     study.add_parser(sub)
+    diagnose.add_parser(sub)
     report.add_parser(sub)
     ui.add_parser(sub)
     return parser

@@ -66,12 +66,15 @@ class Dataset:
     source: str  # where the files came from (a path, a download, or "synthetic")
 
 
-# What each random stream is for: the second number given to _derive_seed, so no two purposes share a stream.
+# What each random stream is for: the second number given to derive_seed, so no two purposes share a stream.
 # The values are fixed: changing one changes every dataset, split or batch drawn from it.
 SYNTHETIC_STREAM, SPLIT_STREAM, SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
+# The diagnostics' streams (resnet_lab.diagnostics): their fixed image subsets, the lesion's random
+# k-block draws, and the curvature's power-iteration start and Hutchinson vectors.
+DIAG_SUBSET_STREAM, LESION_DRAW_STREAM, CURVATURE_STREAM = 16, 17, 18
 
 
-def _derive_seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers, so each (seed, purpose, epoch, batch) gets its own stream."""
     digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -170,7 +173,7 @@ def _synthetic(seed: int) -> tuple[Split, Split]:
     The phase is random per class (from `seed`) but fixed within it, so even a nearest-class-
     mean on raw pixels works. Contrast, noise and labels are drawn from `seed`.
     """
-    g = torch.Generator().manual_seed(_derive_seed(seed, SYNTHETIC_STREAM))
+    g = torch.Generator().manual_seed(derive_seed(seed, SYNTHETIC_STREAM))
     theta = torch.arange(10) % 5 * (math.pi / 8)  # 0, 22.5, ..., 90 degrees
     freq = torch.where(torch.arange(10) < 5, 3.0, 6.0) * 2 * math.pi / 28  # 3 or 6 cycles per image
     phase = torch.rand(10, generator=g) * 2 * math.pi
@@ -269,7 +272,7 @@ def check_sizes(full_train: int, *, val_size: int = 0, train_size: int | None = 
 def split_indices(n: int, *, val_size: int, seed: int, train_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, val) indices into n examples: one seeded permutation, val first, sorted back to file order."""
     examples = check_sizes(n, val_size=val_size, train_size=train_size)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_derive_seed(seed, SPLIT_STREAM)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, SPLIT_STREAM)))
     val, train = perm[:val_size], perm[val_size:]
     return train[:examples].sort().values, val.sort().values
 
@@ -398,13 +401,13 @@ class DeviceLoader:
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        self._gen.manual_seed(_derive_seed(self.seed, SHUFFLE_STREAM, epoch))
+        self._gen.manual_seed(derive_seed(self.seed, SHUFFLE_STREAM, epoch))
         return torch.randperm(len(self.labels), generator=self._gen, device=self.device)
 
     def _make(self, idx: torch.Tensor | slice, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.images[idx]
         if self.train and self.augment:
-            x = self._crop_flip(x, _derive_seed(self.seed, AUGMENT_STREAM, epoch, batch))
+            x = self._crop_flip(x, derive_seed(self.seed, AUGMENT_STREAM, epoch, batch))
         x = x.float().sub_(self._shift).div_(self._scale)  # == (x/255 - mean) / std
         return x, self.labels[idx]
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig, apply
+from .diagnostics import settings as DIAG
 from .errors import UserError
 from .models import parse_model_name
 
@@ -49,8 +50,9 @@ SCALES = ("cpu", "full")
 ARCHS = {"plain": "plain", "resnet": "resnet", "residual": "resnet"}  # study arch -> model name prefix
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 GRID_KEYS = ("archs", "depths", "models", "seeds")
-TOP_KEYS = ("name", "description", *GRID_KEYS, "train", "overrides", "cpu")
-CPU_KEYS = ("description", *GRID_KEYS, "train", "overrides")
+TOP_KEYS = ("name", "description", *GRID_KEYS, "train", "overrides", "diagnostics", "cpu")
+CPU_KEYS = ("description", *GRID_KEYS, "train", "overrides", "diagnostics")
+DIAG_KEYS = ("run", "seeds", *DIAG.NAMES)  # [diagnostics] / [cpu.diagnostics]: which, on which seeds, sizes
 SET_BY_STUDY = {
     "model": "the models come from archs x depths and models",
     "seed": "the seeds come from seeds",
@@ -98,6 +100,7 @@ class Study:
     train: dict[str, Any]  # the effective [train] table ([train] then [cpu.train])
     overrides: dict[str, dict[str, Any]]  # per model, effective
     runs: list[StudyRun] = field(default_factory=list)
+    diagnostics: DIAG.DiagnosticsPlan = field(default_factory=DIAG.DiagnosticsPlan)
 
     def params(self) -> dict[str, str]:
         """The parent run's params: the grid of this scale, the effective [train] table as
@@ -169,6 +172,9 @@ def load_scales(path: str | Path) -> dict[str, Study]:
     small = _expand(name, path, "cpu", cpu_description, cpu_grid, cpu_models,
                     [("train", train), ("cpu.train", cpu_train)],
                     [("overrides", overrides), ("cpu.overrides", cpu_overrides)], err)
+    full.diagnostics = _diagnostics(data.get("diagnostics", {}), "diagnostics", DIAG.FULL, None, full.seeds, err)
+    small.diagnostics = _diagnostics(cpu.get("diagnostics", {}), "cpu.diagnostics", DIAG.CPU,
+                                     full.diagnostics.names if "diagnostics" in data else None, small.seeds, err)
     return {"full": full, "cpu": small}
 
 
@@ -340,3 +346,55 @@ def _overrides(table: dict[str, Any], key: str, models: list[str], err: _FileErr
             raise err(f"[{key}.{model}] names no model of this study (models: {', '.join(dict.fromkeys(models))})")
         out[name] = settings
     return out
+
+
+# ---------------------------------------------------------------- [diagnostics] and [cpu.diagnostics]
+
+def _diagnostics(table: Any, label: str, base: DIAG.DiagnosticsSettings, inherited: tuple[str, ...] | None,
+                 seeds: list[int], err: _FileError) -> DIAG.DiagnosticsPlan:
+    """One scale's diagnostics: ``run`` (which; [cpu.diagnostics] inherits [diagnostics]' list), ``seeds``
+    ("all", "first" or a list of the study's seeds; default all at full scale, the first at CPU scale) and
+    a table of sizes per diagnostic over the scale's preset (``DIAG.FULL`` or ``DIAG.CPU``)."""
+    if not isinstance(table, dict):
+        raise err(f"{label} must be a table ([{label}]) of diagnostics settings, got {table!r}")
+    _check_keys(table, DIAG_KEYS, f"[{label}] ", err, f"[{label}] may set run, seeds and a table of sizes per "
+                f"diagnostic ([{label}.lesion], ...)")
+    names = table.get("run", inherited or DIAG.NAMES)
+    if not isinstance(names, list | tuple) or not names or any(n not in DIAG.NAMES for n in names):
+        raise err(f"[{label}] run must be a non-empty list of {', '.join(DIAG.NAMES)}, got {names!r}")
+    pick = table.get("seeds", "first" if base is DIAG.CPU else "all")
+    if pick == "all":
+        chosen = None
+    elif pick == "first":
+        chosen = (seeds[0],)
+    elif isinstance(pick, list) and pick and all(isinstance(s, int) and s in seeds for s in pick):
+        chosen = tuple(dict.fromkeys(pick))
+    else:
+        raise err(f"[{label}] seeds must be \"all\", \"first\" or a list of the study's seeds {seeds}, got {pick!r}")
+    sizes = {name: _sizes(getattr(base, name), table.get(name, {}), f"{label}.{name}", err) for name in DIAG.NAMES}
+    return DIAG.DiagnosticsPlan(tuple(n for n in DIAG.NAMES if n in names), chosen, DIAG.DiagnosticsSettings(**sizes))
+
+
+def _sizes(default: Any, table: Any, label: str, err: _FileError) -> Any:
+    """``default`` (a settings dataclass) with the keys of ``table``; types checked here, ranges by the dataclass."""
+    if not isinstance(table, dict):
+        raise err(f"{label} must be a table ([{label}]) of sizes, got {table!r}")
+    known = {f.name: f for f in dataclasses.fields(default)}
+    _check_keys(table, tuple(known), f"[{label}] ", err, f"[{label}] sets {', '.join(known)}")
+    values = {}
+    for key, value in table.items():
+        current = getattr(default, key)
+        if isinstance(current, tuple):
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and \
+                (isinstance(current, float) or isinstance(value, int))
+        if not ok:
+            raise err(f"[{label}] {key} must be {'a list of integers' if isinstance(current, tuple) else type(current).__name__}"
+                      f", got {value!r}")
+        values[key] = float(value) if isinstance(current, float) else value
+    try:
+        return dataclasses.replace(default, **values)
+    except UserError as e:
+        raise err(f"[{label}] {e}") from None

@@ -210,6 +210,7 @@ def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None)
         state.restore(saved)
         logged_upto = tracker.last_step("train/loss")
     else:
+        _log_init_weights(tracker, state.model)
         state.probes.measure(0)
     batches = state.loader.batches()
     bar = tqdm(total=total, initial=state.iteration, desc=cfg.name, unit="it", disable=not cfg.progress,
@@ -335,6 +336,16 @@ def make_probes(cfg: TrainConfig, model: ResNet, device: torch.device, test_load
     probe_batch = (first[0][: cfg.batch_size], first[1][: cfg.batch_size])
     return Probes(model, device=device, grad_every=cfg.grad_every, log_every=cfg.log_every,
                   probe_batch=probe_batch, response_batches=lambda: [first], enabled=cfg.probes)
+
+
+def _log_init_weights(tracker: RunTracker, model: ResNet) -> None:
+    """``model/init_state_dict.pt``, the weights of iteration 0 (the diagnostics' init-to-final path
+    and shattering at init need them). Logged before the first step and so before the first
+    checkpoint: a resumed run continues a run that already has them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "init_state_dict.pt"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+        tracker.log_artifacts([(path, "model")])
 
 
 def _log_final_artifacts(tracker: RunTracker, model: ResNet, cfg: TrainConfig, probes: Probes) -> None:

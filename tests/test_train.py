@@ -188,6 +188,23 @@ def test_a_crashed_run_resumes_in_the_same_run_with_the_same_metrics(
     assert result.status == "FINISHED" and result.run_id == first[0].info.run_id
     assert _all_histories(MlflowClient(tracking_uri), result.run_id) == uninterrupted
     assert not ckpts[0].exists()  # removed once the run finished
+    _assert_init_weights_logged(MlflowClient(tracking_uri), result.run_id, tmp_path)
+
+
+def _assert_init_weights_logged(client: MlflowClient, run_id: str, tmp_path: Path) -> None:
+    """model/init_state_dict.pt holds iteration 0: the net the seed builds (the same for plain and
+    residual nets of one seed), not the trained weights."""
+    import torch
+
+    from resnet_lab.models import build_model
+
+    path = client.download_artifacts(run_id, "model/init_state_dict.pt", str(tmp_path))
+    init = torch.load(path, weights_only=True)
+    final = torch.load(client.download_artifacts(run_id, "model/state_dict.pt", str(tmp_path)), weights_only=True)
+    torch.manual_seed(0)
+    fresh = build_model("resnet-8", in_channels=1, num_classes=10).state_dict()
+    assert init.keys() == fresh.keys() and all(torch.equal(init[k], fresh[k]) for k in fresh)
+    assert not torch.equal(init["fc.weight"], final["fc.weight"])
 
 
 @NO_CUDA

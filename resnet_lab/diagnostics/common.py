@@ -9,10 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import Split, _derive_seed
+from ..data import DIAG_SUBSET_STREAM, Split, derive_seed
 from ..errors import UserError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+
+# What each fixed subset is for (``subset``'s ``purpose``): its own stream, so no two diagnostics
+# share images by accident. Fixed values: changing one changes every subset drawn for it.
+LESION_IMAGES, LANDSCAPE_IMAGES, CURVATURE_IMAGES, BN_IMAGES, SHATTERING_IMAGES = 1, 2, 3, 4, 5
 
 
 @contextmanager
@@ -48,7 +52,7 @@ def subset(split: Split, n: int, *, seed: int, purpose: int, mean: tuple[float, 
     """
     if n > len(split):
         raise UserError(f"diagnostics: asked for {n} images but the split has {len(split)}; use a smaller size")
-    g = torch.Generator().manual_seed(_derive_seed(seed, 16, purpose))
+    g = torch.Generator().manual_seed(derive_seed(seed, DIAG_SUBSET_STREAM, purpose))
     idx = torch.randperm(len(split), generator=g)[:n].sort().values
     shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
     scale = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255

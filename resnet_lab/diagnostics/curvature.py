@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..data import _derive_seed
+from ..data import CURVATURE_STREAM, derive_seed
 from ..errors import UserError
 from .common import check_inputs, device_of, untouched
 from .settings import CurvatureSettings
@@ -107,7 +107,7 @@ def curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Curv
         for s in range(settings.subsets):
             part = slice(s * settings.images, (s + 1) * settings.images)
             H = Hessian(model, x[part], y[part], settings.batch_size, loss)
-            g = torch.Generator().manual_seed(_derive_seed(settings.seed, 18, s))
+            g = torch.Generator().manual_seed(derive_seed(settings.seed, CURVATURE_STREAM, s))
             lam, its, converged = power_iteration(H, settings, g, device)
             trace = hutchinson_trace(H, settings.hutchinson_vectors, settings.hutchinson_block, g, device)
             rows.append((s, lam, trace, its, converged))

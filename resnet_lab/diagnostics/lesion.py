@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..data import _derive_seed
+from ..data import LESION_DRAW_STREAM, derive_seed
 from ..models import BasicBlock, ResNet
 from .common import check_inputs, untouched
 from .settings import LesionSettings
@@ -57,7 +57,7 @@ def patterns(model: ResNet, settings: LesionSettings) -> tuple[list[Pattern], li
     labels = [("baseline", 0, 0)] + [("single", 1, 0)] * len(ok)
     for k in range(1, len(ok) // 2 + 1):
         for r in range(settings.draws):
-            g = torch.Generator().manual_seed(_derive_seed(settings.seed, 17, k, r))
+            g = torch.Generator().manual_seed(derive_seed(settings.seed, LESION_DRAW_STREAM, k, r))
             pick = torch.randperm(len(ok), generator=g)[:k].tolist()
             pats.append(tuple(sorted(ok[j] for j in pick)))
             labels.append(("k_blocks", k, r))

@@ -9,11 +9,14 @@ they give them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, fields
 
 from ..errors import UserError
 
 SWEEP_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
+NAMES = ("lesion", "landscape", "curvature", "shattering")  # the four, in the order they run
 
 
 def _positive(owner: object, *names: str) -> None:
@@ -114,15 +117,33 @@ class DiagnosticsSettings:
         return {f.name: {g.name: getattr(getattr(self, f.name), g.name) for g in fields(getattr(self, f.name))}
                 for f in fields(self)}
 
+    def hash(self, name: str) -> str:
+        """12 hex digits of diagnostic ``name``'s sizes: a logged diagnostic is redone when they change.
+        ``"shattering_sweep"`` hashes the shattering settings the sweep uses."""
+        sizes = self.as_dict()["shattering" if name == "shattering_sweep" else name]
+        text = json.dumps({"name": name, **sizes}, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class DiagnosticsPlan:
+    """What ``resnet-lab diagnose`` runs for one scale of a study: which diagnostics, on which
+    seeds (``None``: every seed), at which sizes. Built by ``studyfile`` from the file's tables."""
+
+    names: tuple[str, ...] = NAMES
+    seeds: tuple[int, ...] | None = None
+    settings: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
+
 
 FULL = DiagnosticsSettings()
-# Sized from unit costs (resnet-56 on 2 cores: ~2.6 ms per image forward, a Hessian-vector
-# product ~12 forwards): about 60 s of the four per 56-layer net, ~22 s per 20-layer one,
-# ~15 s for the sweep, i.e. ~3 min for the default study's four nets (docs/benchmarks.md).
+# Resized after phase 1 measured the earlier preset (11x11 grid on 64 images, 256 lesion images
+# with 2 draws, 12 power iterations) at ~7 min for the default study's four nets (1 thread,
+# loaded machine), the landscape ~45 % of it: a 9x9 grid on 48 images, 200 lesion images with
+# one draw per k, 10 power iterations. Measured in docs/benchmarks.md ("Diagnostics").
 CPU = DiagnosticsSettings(
-    lesion=LesionSettings(test_images=256, draws=2, batch_size=256),
-    landscape=LandscapeSettings(train_images=64, line_points=9, grid=11, path_points=7, batch_size=64),
-    curvature=CurvatureSettings(images=16, power_max_iterations=12, hutchinson_vectors=4, hutchinson_block=4,
+    lesion=LesionSettings(test_images=200, draws=1, batch_size=200),
+    landscape=LandscapeSettings(train_images=48, line_points=7, grid=9, path_points=7, batch_size=48),
+    curvature=CurvatureSettings(images=16, power_max_iterations=10, hutchinson_vectors=4, hutchinson_block=4,
                                 batch_size=16),
     shattering=ShatteringSettings(points=64, pairs=4, max_lag=8, bn_images=128, sweep_depths=(8, 14, 20, 32, 44, 56),
                                   sweep_seeds=1, batch_size=128),
