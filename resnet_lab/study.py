@@ -29,8 +29,8 @@ from .data import check_sizes, load_dataset
 from .errors import UserError
 from .launch import Outcome, Reporter
 from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
-from .tracking import (RunTracker, absolute_uri, connect, display_uri, get_or_create_experiment, resolve_tracking_uri,
-                       search_all_runs)
+from .tracking import (RunTracker, absolute_uri, connect, display_uri, enable_system_metrics, get_or_create_experiment,
+                       resolve_tracking_uri, search_all_runs)
 from .train import total_iterations
 
 
@@ -433,11 +433,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "use an http:// server for Ray clusters")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, one line per run start/finish")
     p.add_argument("--dry-run", action="store_true", help="validate the file and list its runs; train nothing")
+    p.add_argument("--system-metrics", action="store_true",
+                   help="log each training run's CPU, memory, disk, network (and GPU) use with MLflow's own "
+                        "monitor (needs psutil)")
     p.set_defaults(func=cmd_study)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Exit code: 0 all runs finished, 1 some failed (UserError -> 2 via the CLI)."""
+    if args.system_metrics and not args.dry_run:
+        enable_system_metrics()  # MLflow's switch is an environment variable: worker processes inherit it
     result = run_study(args.file, scale=args.scale, jobs=args.jobs, devices=args.devices, launcher=args.launcher,
                        address=args.address, gpus_per_run=args.gpus_per_run, tracking_uri=args.tracking_uri,
                        progress=not args.no_progress, dry_run=args.dry_run)
