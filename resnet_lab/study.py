@@ -77,13 +77,33 @@ def _children_filter(study: Study) -> str:
     return f"tags.kind = 'train' and tags.study = '{study.name}' and tags.scale = '{study.scale}'"
 
 
+def describe(name: str, scale: str | None, nets: list[str], seeds: list[int], lengths: list[str],
+             dataset: str) -> str:
+    """One sentence on what a study ran, from its runs (not from the study file's prose, which
+    describes the full study also when the CPU scale ran): the parent run's description."""
+    its = " or ".join(dict.fromkeys(lengths))  # "500 iterations", or each length that occurs
+    seed_list = ", ".join(map(str, sorted(set(seeds))))
+    where = f", {scale} scale" if scale else ""
+    return (f"Depth study {name}{where}: {len(nets)} nets ({', '.join(nets)}) x {len(set(seeds))} "
+            f"seed{'s' if len(set(seeds)) > 1 else ''} ({seed_list}), {its} each, on {dataset}.")
+
+
+def _study_note(study: Study) -> str:
+    """``describe`` of the runs this scale trains; at full scale the study file's description follows."""
+    nets = list(dict.fromkeys(r.cfg.model for r in study.runs))
+    lengths = [f"{c.iterations} iterations" if c.iterations is not None else f"{c.epochs} epochs"
+               for c in (r.cfg for r in study.runs)]
+    text = describe(study.name, study.scale, nets, [r.cfg.seed for r in study.runs], lengths,
+                    ", ".join(sorted({r.cfg.dataset for r in study.runs})))
+    return text + (f"\n\n{study.description}" if study.description and study.scale == "full" else "")
+
+
 def open_parent(client: Any, experiment_id: str, study: Study, uri: str) -> tuple[RunTracker, bool]:
     """Create the study's parent run, or reopen the existing one of this study+scale (RUNNING);
     True when reopened. The study file artifact is always the current one.
     """
-    tags = {"kind": "study", "study": study.name, "scale": study.scale, "study_file": str(study.path)}
-    if study.description:
-        tags["mlflow.note.content"] = study.description
+    tags = {"kind": "study", "study": study.name, "scale": study.scale, "study_file": str(study.path),
+            "mlflow.note.content": _study_note(study)}
     existing = _search_all(client, experiment_id, f"tags.kind = 'study' and tags.study = '{study.name}' "
                                                   f"and tags.scale = '{study.scale}'")
     parent = RunTracker.reopen(uri, existing[0].info.run_id, client, finished_too=True) if existing else None
