@@ -261,3 +261,26 @@ def test_a_110_layer_run_logs_at_most_30_keys_and_keeps_every_layer_in_its_table
     assert set(g.loc[g["group"] == "weight", "layer"]) == set(weights) and set(g.loc[g["group"] == "bn", "layer"]) == set(bns)
     assert sorted(g["iteration"].unique()) == [0, 1] and len(g) == 2 * (len(weights) + len(bns))
     assert set(tables["grad_flow"]["layer"]) == {*blocks, "head/input"} and set(tables["responses"]["layer"]) == set(responses)
+
+
+def test_system_metrics_without_psutil_is_one_line_and_starts_no_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "psutil", None)  # import psutil raises ImportError
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    db = tmp_path / "m.db"
+    assert main(["train", "--dataset", "synthetic", "--tracking-uri", f"sqlite:///{db}", "--system-metrics"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "psutil" in err and not db.exists()
+
+
+def test_system_metrics_are_logged_by_mlflows_monitor(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--system-metrics switches on MLflow's own monitor: system/* keys in the run, beside the training's."""
+    pytest.importorskip("psutil", reason="--system-metrics needs psutil (pip install -e '.[system-metrics]')")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # restored after the test
+    from resnet_lab.tracking import enable_system_metrics
+
+    enable_system_metrics()
+    result = train(_cfg(tracking_uri, "system", iterations=20))
+    keys = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in keys) and "final/test_error" in keys
