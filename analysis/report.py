@@ -11,6 +11,8 @@ when the CLI builds its parser, so the other ``resnet-lab`` commands do not pay 
 from __future__ import annotations
 
 import argparse
+import math
+import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from resnet_lab.errors import UserError, check_can_create
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .document import Report
 
 DEFAULT_STUDY = "fashion_mnist"
@@ -49,16 +53,50 @@ def check_writable(folder: Path) -> None:
 
 
 def log_report(rep: Report) -> str | None:
-    """Log the report folder to the parent run (artifact dir ``report/``); the run id, or None."""
+    """Log the report folder to the parent run (artifact dir ``report/``), its headline numbers as
+    the parent's metrics and its summary in the parent's description; the run id, or None."""
     parent = rep.study.parent
     if parent is None:
         return None
+    from mlflow.entities import Metric
+
     from resnet_lab.tracking import connect
 
     client = connect(rep.study.tracking_uri)
     client.log_artifacts(parent.run_id, str(rep.out_dir), "report")
+    now = int(time.time() * 1000)
+    client.log_batch(parent.run_id, metrics=[Metric(k, v, now, 0) for k, v in headline_metrics(rep.study.runs).items()])
+    client.set_tag(parent.run_id, "mlflow.note.content", parent_note(rep))
     rep.logged_to = parent.run_id
     return parent.run_id
+
+
+def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
+    """The numbers a study's row in the runs table should show: deepest minus shallowest plain net's
+    final training error (mean of the seed-paired differences; the degradation of He et al. Sec. 4.2,
+    > 0 when the deeper plain net trains worse) and each net's mean final test error."""
+    from .stats import paired
+
+    out = {f"study/mean_test_error/{model}": float(g["test_error"].mean())
+           for model, g in runs.groupby("model", sort=False) if g["test_error"].notna().any()}
+    plain = runs[runs["arch"] == "plain"].drop_duplicates("model").sort_values("depth")
+    if plain["depth"].nunique() >= 2:
+        gap = paired(runs, plain["model"].iloc[-1], plain["model"].iloc[0], "train_error")
+        if gap is not None and math.isfinite(gap.diff.mean):
+            out["study/plain_deep_minus_shallow_train_error"] = gap.diff.mean
+    return out
+
+
+def parent_note(rep: Report) -> str:
+    """What ran (from the finished runs) and the report's summary sentences: the parent run's description."""
+    from resnet_lab.study import describe
+
+    runs, study = rep.study.runs, rep.study
+    lengths = [f"{int(n)} iterations" for n in runs["total_iterations"].dropna()]
+    datasets = ", ".join(sorted(runs["param_dataset"].dropna().unique()))
+    head = describe(study.name, study.scale, list(dict.fromkeys(runs["model"])), [int(s) for s in runs["seed"]],
+                    lengths or ["? iterations"], datasets or "?")
+    return head + "\n\n" + "\n".join(f"- {s}" for s in rep.summary) + "\n\nThe report: artifacts report/report.html."
 
 
 # --------------------------------------------------------------------------- CLI

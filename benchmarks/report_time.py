@@ -37,14 +37,18 @@ LOG, EVAL = 100, 2000
 TARGET_S = 30.0
 
 
-def build_store(root: Path, iterations: int) -> str:
-    """A finished full-scale study in ``root/mlflow.db`` (+ ``root/mlartifacts``); returns its URI."""
+def build_store(root: Path, iterations: int, layer_metrics: bool = False) -> str:
+    """A finished full-scale study in ``root/mlflow.db`` (+ ``root/mlartifacts``); returns its URI.
+
+    Metric keys as training logs them: the probes' summaries (``Probes.drain``'s), or with
+    ``layer_metrics`` one key per layer as well (``log_layer_metrics = true``, the layout before issue 14)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
     from resnet_lab.config import TrainConfig
     from resnet_lab.models import build_model
-    from resnet_lab.probes import HEAD_INPUT, bn_layers, metric_name, response_layers, tidy_table, weight_layers
+    from resnet_lab.probes import (HEAD_INPUT, GradNormProbe, bn_layers, flow_summary, metric_name, response_layers,
+                                   response_summary, tidy_table, weight_layers)
     from resnet_lab.tracking import get_or_create_experiment
 
     root.mkdir(parents=True, exist_ok=True)
@@ -68,24 +72,32 @@ def build_store(root: Path, iterations: int) -> str:
         rid = client.create_run(exp, run_name=f"{name}-s0", tags=tags).info.run_id
         client.log_batch(rid, params=[Param(k, str(v)) for k, v in cfg.to_dict().items()][:100])
         weights, bns = [n for n, _ in weight_layers(model)], [n for n, _ in bn_layers(model)]
+        blocks = [n for n, _ in model.named_blocks()] + [HEAD_INPUT]
+        responses = [n for n, _ in response_layers(model)]
+        grad_keys = [k for k, _ in GradNormProbe(model, device=torch.device("cpu")).summary(np.ones(len(weights) + 1))]
+        point_keys = [k for k, _ in flow_summary([(b, 1.0) for b in blocks])]
+        point_keys += [k for k, _ in response_summary([(r, 1.0) for r in responses])]
+        if layer_metrics:
+            grad_keys += [metric_name("grad_norm", n) for n in weights] + [metric_name("grad_norm_bn", n) for n in bns]
+            point_keys += [metric_name("grad_flow", n) for n in blocks] + [metric_name("response_std", n) for n in responses]
         decay = np.exp(-steps / (iterations / 3))
         points: list[Metric] = []
         for ts, s in enumerate(steps.tolist(), 1):
             err = 30 * decay[ts - 1] + (3 if name.startswith("plain") else 1) + 0.001 * depth
             points += [Metric("train/error", err + rng.normal(0, 0.3), ts, s), Metric("train/loss", err / 30, ts, s),
                        Metric("lr", cfg.lr, ts, s), Metric("perf/images_per_s", 5000.0, ts, s)]
-            points += [Metric(metric_name("grad_norm", n), 1.0, ts, s) for n in weights]
-            points += [Metric(metric_name("grad_norm_bn", n), 1.0, ts, s) for n in bns]
+            points += [Metric(k, 1.0, ts, s) for k in grad_keys]
             if s % EVAL == 0:
                 points += [Metric(f"{split}/{kind}", err + 6 if kind == "error" else err / 25, ts, s)
                            for split in ("test", "val") for kind in ("error", "loss")]
+                points += [Metric(k, 1.0, ts, s) for k in point_keys]
+        points += [Metric(f"final/{split}_error", err + (6 if split != "train" else 0), len(steps), iterations)
+                   for split in ("train", "test", "val")]
         for j in range(0, len(points), 1000):
             client.log_batch(rid, metrics=points[j:j + 1000])
         it = np.arange(iterations)
         nw, nb = len(weights), len(bns)
         norms = np.exp(rng.normal(0, 0.2, (iterations, nw + nb))) * (1 + np.exp(-it / 5000))[:, None]
-        blocks = [n for n, _ in model.named_blocks()] + [HEAD_INPUT]
-        responses = [n for n, _ in response_layers(model)]
         tables = {
             "grad_norms": tidy_table(list(it), norms, weights + bns, layer_index=[*range(nw), *range(nb)],
                                      group=["weight"] * nw + ["bn"] * nb),
@@ -142,6 +154,8 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=64000, help="iterations per run (default 64000, the paper's)")
     p.add_argument("--repeats", type=int, default=3, help="end-to-end report runs (default 3)")
     p.add_argument("--csv", help="write the timings to this CSV")
+    p.add_argument("--layer-metrics", action="store_true", help="build the store with one metric key per layer too "
+                                                                "(log_layer_metrics = true)")
     args = p.parse_args()
     if args.iterations < EVAL or args.repeats < 1:
         p.error(f"--iterations must be at least {EVAL} and --repeats at least 1")
@@ -157,7 +171,7 @@ def main() -> None:
                         "pass an empty or new folder")
             print(f"store: building {root} ({len(MODELS)} runs x {args.iterations:,} iterations)")
             t = time.perf_counter()
-            uri = build_store(root, args.iterations)
+            uri = build_store(root, args.iterations, args.layer_metrics)
             print(f"store built in {time.perf_counter() - t:.0f} s")
         walls = [time_cli(uri, Path(tmp) / f"out{i}") for i in range(args.repeats)]
         stages = breakdown(uri, Path(tmp) / "out_breakdown")

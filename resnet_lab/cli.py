@@ -34,6 +34,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="override any config field, e.g. --set lr=0.05 --set milestones=1000,1500 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--help-config", action="store_true", help="list every config field with its type and default")
+    p.add_argument("--system-metrics", action="store_true",
+                   help="log CPU, memory, disk, network (and GPU) use with MLflow's own monitor (needs psutil)")
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -57,9 +59,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(field_help())
         return 0
+    from .tracking import enable_system_metrics
     from .train import train
 
-    result = train(build_config(args))
+    cfg = build_config(args)
+    if args.system_metrics:
+        enable_system_metrics()
+    result = train(cfg)
     if result.status != "FINISHED":
         print(f"resnet-lab: run {result.run_id} {result.status.lower()}: {result.reason}", file=sys.stderr)
         return EXIT_FAILED

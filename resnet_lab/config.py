@@ -59,6 +59,7 @@ class TrainConfig:
     # probes (resnet_lab.probes)
     probes: bool = True
     grad_every: int = 1
+    log_layer_metrics: bool = False  # one MLflow key per layer too (hundreds); the probe tables have them all
     # checkpoints (resume after a crash or Ctrl-C); 0 = off; a multiple of log_every
     checkpoint_every: int = 1000
     checkpoint_dir: str = "checkpoints"
@@ -185,7 +186,7 @@ _FIELDS = {f.name: f for f in fields(TrainConfig)}
 # Fields that say where things live, where runs are logged, how fast or how visibly a run goes:
 # not what is trained. Left out of config_hash and of the report's configuration table.
 NOT_TRAINING = ("data_dir", "data_root", "device", "compile", "tracking_uri", "experiment", "progress",
-                "checkpoint_dir", "checkpoint_every", "eval_batch_size")
+                "checkpoint_dir", "checkpoint_every", "eval_batch_size", "log_layer_metrics")
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -12,10 +12,16 @@ smaller signals (Fig. 7). These probes measure both claims while training runs:
 ``Probes`` ties them to the training loop: ``on_backward`` every step, ``measure`` at each
 probe point (initialisation, each evaluation, the end), ``drain`` for MLflow,
 ``tables``/``write_tables`` for the full history.
+
+What goes to MLflow is a handful of summaries per probe (``summary_names``): the MLflow UI
+draws one chart card per metric key, so one key per layer (about 390 for a 110-layer net)
+buries the error curves. Every layer's history stays in the tables; ``layer_metrics=True``
+logs the per-layer keys as well.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +38,10 @@ from .errors import UserError
 from .models import ResNet
 
 HEAD_INPUT = "head/input"
+# The summaries' key prefix. MLflow's chart view groups keys into sections by what comes before
+# their last "/" and sorts the sections by name (ASCII: "final" < "test" < "train" < "val" < "z...",
+# keys without "/" last): under "z_probes/" the probes' charts come after the error curves.
+SUMMARY_PREFIX = "z_probes"
 GROUPS = ("weight", "bn")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -43,6 +53,21 @@ def metric_name(prefix: str, layer_name: str) -> str:
     """
     head, _, rest = layer_name.partition(".")
     return f"{prefix}/{head}/{rest}" if rest else f"{prefix}/{head}"
+
+
+def stage_of(layer_name: str) -> str | None:
+    """``"stage2.block0.conv1" -> "stage2"``; None for the stem and the head."""
+    head = layer_name.partition(".")[0]
+    return head if head.startswith("stage") else None
+
+
+def _stage_groups(names: list[str]) -> dict[str, list[int]]:
+    """Stage -> the column indices of its layers, in forward order."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if (stage := stage_of(name)) is not None:
+            groups.setdefault(stage, []).append(i)
+    return groups
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -77,6 +102,9 @@ class GradNormProbe:
             raise UserError(f"grad_every ({grad_every}) and capacity ({capacity}) must be >= 1")
         self.grad_every, self.capacity = grad_every, capacity
         self.weight_names = [n for n, _ in weight_layers(model)]
+        # the main path's convs (no projection shortcuts), for the first/middle/last summaries
+        self._main_convs = [i for i, (n, p) in enumerate(weight_layers(model)) if p.dim() == 4 and "shortcut" not in n]
+        self._stages = _stage_groups(self.weight_names)
         self.bn_names = [n for n, _ in bn_layers(model)]
         self._params = [p for _, p in weight_layers(model)]
         self._params += [p for _, bn in bn_layers(model) for p in (bn.weight, bn.bias)]
@@ -125,8 +153,18 @@ class GradNormProbe:
         self.flush()
         return (self.iterations[-1], self._host[-1][-1]) if self.iterations else None
 
+    def summary(self, row: np.ndarray) -> list[tuple[str, float]]:
+        """The weight-gradient norms worth a chart each: the first, middle and last conv of the main
+        path, each stage's norm (over all its weights) and the total. Row layout as in the class doc."""
+        convs = self._main_convs
+        picks = {"first_conv": convs[0], "middle_conv": convs[len(convs) // 2], "last_conv": convs[-1]}
+        key = f"{SUMMARY_PREFIX}/grad_norm"
+        out = [(f"{key}/{label}", float(row[i])) for label, i in picks.items()]
+        out += [(f"{key}/{stage}", float(np.linalg.norm(row[cols]))) for stage, cols in self._stages.items()]
+        return out + [(f"{key}/total", float(row[len(self.weight_names)]))]
+
     def metric_names(self) -> list[str]:
-        """MLflow names for the columns of a row."""
+        """MLflow names for the columns of a row (one per layer, with ``log_layer_metrics``)."""
         return ([metric_name("grad_norm", n) for n in self.weight_names] + ["grad_norm/total"]
                 + [metric_name("grad_norm_bn", n) for n in self.bn_names] + ["grad_norm_bn/total"])
 
@@ -228,6 +266,20 @@ def tidy_table(iterations: list[int], values: np.ndarray, layers: list[str],
     return pd.DataFrame(columns)
 
 
+def flow_summary(flow: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """||dL/dx|| at the first block's input over ||dL/dx|| at the head's input (``gradient_flow``'s
+    first and last value): how much the gradient grows (> 1) or shrinks (< 1) on its way down."""
+    head = flow[-1][1]
+    return [(f"{SUMMARY_PREFIX}/grad_flow/input_over_head", flow[0][1] / head if head > 0 else math.nan)]
+
+
+def response_summary(responses: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Mean response std of each stage's 3x3 convs (``layer_responses``), the per-stage view of He et al. Fig. 7."""
+    values = [v for _, v in responses]
+    return [(f"{SUMMARY_PREFIX}/response_std/{stage}", float(np.mean([values[i] for i in cols])))
+            for stage, cols in _stage_groups([n for n, _ in responses]).items()]
+
+
 @dataclass
 class _PointSeries:
     """One probe-point series' history: a value per layer at each ``measure`` iteration."""
@@ -237,11 +289,15 @@ class _PointSeries:
     iterations: list[int] = field(default_factory=list)
     values: list[list[float]] = field(default_factory=list)
 
-    def add(self, iteration: int, result: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
+    def add(self, iteration: int, result: list[tuple[str, float]], summary: list[tuple[str, float]],
+            layer_metrics: bool) -> list[tuple[str, float, int]]:
+        """Keep ``result`` (every layer); return its MLflow points: ``summary``, and with
+        ``layer_metrics`` one point per layer too."""
         self.layers = self.layers or [n for n, _ in result]
         self.iterations.append(iteration)
         self.values.append([v for _, v in result])
-        return [(metric_name(self.prefix, n), v, iteration) for n, v in result]
+        per_layer = [(metric_name(self.prefix, n), v) for n, v in result] if layer_metrics else []
+        return [(n, v, iteration) for n, v in per_layer + summary]
 
     def table(self) -> pd.DataFrame:
         wide = np.asarray(self.values, dtype=np.float64).reshape(len(self.iterations), len(self.layers))
@@ -259,8 +315,8 @@ class Probes:
     def __init__(self, model: ResNet, *, device: torch.device, grad_every: int = 1, log_every: int = 100,
                  probe_batch: Batch | None = None,
                  response_batches: Callable[[], Iterable[Batch]] | None = None,
-                 enabled: bool = True) -> None:
-        self.model, self.enabled = model, enabled
+                 enabled: bool = True, layer_metrics: bool = False) -> None:
+        self.model, self.enabled, self.layer_metrics = model, enabled, layer_metrics
         self.response_batches = response_batches
         self.probe_batch = tuple(t.to(device) for t in probe_batch) if probe_batch is not None and enabled else None
         # A device buffer holds one log window's rows: steps 0, g, 2g, ... of a window of L steps are
@@ -282,12 +338,15 @@ class Probes:
         if not self.enabled:
             return
         if self.probe_batch is not None:
-            self._pending += self._flow.add(iteration, gradient_flow(self.model, *self.probe_batch))
+            flow = gradient_flow(self.model, *self.probe_batch)
+            self._pending += self._flow.add(iteration, flow, flow_summary(flow), self.layer_metrics)
         if self.response_batches is not None:
-            self._pending += self._resp.add(iteration, layer_responses(self.model, self.response_batches()))
+            resp = layer_responses(self.model, self.response_batches())
+            self._pending += self._resp.add(iteration, resp, response_summary(resp), self.layer_metrics)
 
     def drain(self) -> list[tuple[str, float, int]]:
-        """Metrics since the last drain: grad norms at the latest measured step, every eval point.
+        """Metrics since the last drain: grad-norm summaries (and, with ``layer_metrics``, every
+        layer's norm) at the latest measured step, then every probe point's.
 
         One device-to-host read for all grad-norm rows since the last drain; the full
         history stays in ``tables()``.
@@ -296,7 +355,8 @@ class Probes:
         latest = self.grad.latest() if self.grad is not None else None
         if latest is not None and latest[0] != self._drained_step:
             step, row = latest
-            out = [(n, float(v), step) for n, v in zip(self.grad.metric_names(), row)] + out
+            per_layer = zip(self.grad.metric_names(), map(float, row)) if self.layer_metrics else []
+            out = [(n, v, step) for n, v in [*per_layer, *self.grad.summary(row)]] + out
             self._drained_step = step
         return out
 

@@ -29,8 +29,8 @@ from .data import check_sizes, load_dataset
 from .errors import UserError
 from .launch import Outcome, Reporter
 from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
-from .tracking import (RunTracker, absolute_uri, connect, display_uri, get_or_create_experiment, resolve_tracking_uri,
-                       search_all_runs)
+from .tracking import (RunTracker, absolute_uri, connect, display_uri, enable_system_metrics, get_or_create_experiment,
+                       resolve_tracking_uri, search_all_runs)
 from .train import total_iterations
 
 
@@ -77,13 +77,33 @@ def _children_filter(study: Study) -> str:
     return f"tags.kind = 'train' and tags.study = '{study.name}' and tags.scale = '{study.scale}'"
 
 
+def describe(name: str, scale: str | None, nets: list[str], seeds: list[int], lengths: list[str],
+             dataset: str) -> str:
+    """One sentence on what a study ran, from its runs (not from the study file's prose, which
+    describes the full study also when the CPU scale ran): the parent run's description."""
+    its = " or ".join(dict.fromkeys(lengths))  # "500 iterations", or each length that occurs
+    seed_list = ", ".join(map(str, sorted(set(seeds))))
+    where = f", {scale} scale" if scale else ""
+    return (f"Depth study {name}{where}: {len(nets)} nets ({', '.join(nets)}) x {len(set(seeds))} "
+            f"seed{'s' if len(set(seeds)) > 1 else ''} ({seed_list}), {its} each, on {dataset}.")
+
+
+def _study_note(study: Study) -> str:
+    """``describe`` of the runs this scale trains; at full scale the study file's description follows."""
+    nets = list(dict.fromkeys(r.cfg.model for r in study.runs))
+    lengths = [f"{c.iterations} iterations" if c.iterations is not None else f"{c.epochs} epochs"
+               for c in (r.cfg for r in study.runs)]
+    text = describe(study.name, study.scale, nets, [r.cfg.seed for r in study.runs], lengths,
+                    ", ".join(sorted({r.cfg.dataset for r in study.runs})))
+    return text + (f"\n\n{study.description}" if study.description and study.scale == "full" else "")
+
+
 def open_parent(client: Any, experiment_id: str, study: Study, uri: str) -> tuple[RunTracker, bool]:
     """Create the study's parent run, or reopen the existing one of this study+scale (RUNNING);
     True when reopened. The study file artifact is always the current one.
     """
-    tags = {"kind": "study", "study": study.name, "scale": study.scale, "study_file": str(study.path)}
-    if study.description:
-        tags["mlflow.note.content"] = study.description
+    tags = {"kind": "study", "study": study.name, "scale": study.scale, "study_file": str(study.path),
+            "mlflow.note.content": _study_note(study)}
     existing = _search_all(client, experiment_id, f"tags.kind = 'study' and tags.study = '{study.name}' "
                                                   f"and tags.scale = '{study.scale}'")
     parent = RunTracker.reopen(uri, existing[0].info.run_id, client, finished_too=True) if existing else None
@@ -434,11 +454,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "use an http:// server for Ray clusters")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, one line per run start/finish")
     p.add_argument("--dry-run", action="store_true", help="validate the file and list its runs; train nothing")
+    p.add_argument("--system-metrics", action="store_true",
+                   help="log each training run's CPU, memory, disk, network (and GPU) use with MLflow's own "
+                        "monitor (needs psutil)")
     p.set_defaults(func=cmd_study)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Exit code: 0 all runs finished, 1 some failed (UserError -> 2 via the CLI)."""
+    if args.system_metrics and not args.dry_run:
+        enable_system_metrics()  # MLflow's switch is an environment variable: worker processes inherit it
     result = run_study(args.file, scale=args.scale, jobs=args.jobs, devices=args.devices, launcher=args.launcher,
                        address=args.address, gpus_per_run=args.gpus_per_run, tracking_uri=args.tracking_uri,
                        progress=not args.no_progress, dry_run=args.dry_run)

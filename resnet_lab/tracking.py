@@ -97,6 +97,27 @@ def git_commit(cwd: Path | None = None) -> tuple[str, bool]:
     return commit.stdout.strip(), bool(dirty.stdout.strip())
 
 
+def enable_system_metrics() -> None:
+    """``--system-metrics``: switch on MLflow's own system-metrics monitor (CPU, memory, disk,
+    network; GPU with pynvml) for every training run. MLflow's switch is an environment variable,
+    so worker processes started after this inherit it; its CPU/memory monitor needs psutil."""
+    import mlflow
+
+    try:
+        import psutil  # noqa: F401 - MLflow's monitor imports it
+    except ImportError:
+        raise UserError("--system-metrics needs the psutil package (pip install -e '.[system-metrics]'), "
+                        "or leave --system-metrics out") from None
+    mlflow.enable_system_metrics_logging()
+
+
+def system_metrics_enabled() -> bool:
+    """MLflow's own setting (``--system-metrics``, or MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true)."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    return bool(MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get())
+
+
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -334,6 +355,15 @@ class RunTracker:
         self.patience_s = TRACKING_PATIENCE_S if patience_s is None else patience_s
         self._sender = _MetricSender(client, run_id, self.uri)
         self._gave_up = False  # after one give-up, later calls try once instead of waiting again
+        self._system: Any = None  # MLflow's SystemMetricsMonitor, when started
+
+    def start_system_metrics(self, *, resume: bool) -> None:
+        """MLflow's system-metrics monitor for this run (``system/*`` keys, its own thread);
+        ``resume`` continues a reopened run's steps. Stopped by ``finish``."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.uri)
+        self._system.start()
 
     @classmethod
     def create(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
@@ -375,6 +405,18 @@ class RunTracker:
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._retry("log params", self.client.log_batch, self.run_id,
                         params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every stored point of ``key``."""
+        return [(m.step, m.value) for m in self._retry("read the metric history", self.client.get_metric_history,
+                                                       self.run_id, key)]
+
+    def tags(self) -> dict[str, str]:
+        return dict(self._retry("read the run", self.client.get_run, self.run_id).data.tags)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as an image artifact (MLflow's own ``log_figure``)."""
+        self._retry(f"log figure {artifact_file}", self.client.log_figure, self.run_id, figure, artifact_file)
 
     def last_step(self, key: str) -> int:
         """The highest step of ``key`` already stored (-1 if none): what a resumed run must not log again."""
@@ -424,6 +466,8 @@ class RunTracker:
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """Flush metrics, record why a run did not finish, and close it with ``status``."""
         try:
+            if self._system is not None:
+                self._system.finish()
             self.flush()
         finally:
             self._sender.close()

@@ -28,7 +28,7 @@ from .models import ResNet, build_model, count_parameters
 from .probes import Probes
 from .speed import CompiledStep, Speed, plan
 from .speed import step_model as make_step_model
-from .tracking import RunTracker, git_commit, resolve_tracking_uri
+from .tracking import RunTracker, git_commit, resolve_tracking_uri, system_metrics_enabled
 
 
 @dataclass
@@ -126,14 +126,26 @@ def prepare(cfg: TrainConfig) -> Setup:
     return Setup(resolved, cfg.config_hash(), checkpoint_path(cfg), device, speed, data, model, iterations)
 
 
+def run_params(setup: Setup) -> dict[str, object]:
+    """The config, plus depth, arch and the shortcut option built (A/B/C, "none" for plain nets;
+    the config's ``shortcut`` is None for "the family default") as params, so the UI's
+    parallel-coordinates and scatter views can use them as axes (they take params, not tags)."""
+    tags = run_tags_of_model(setup)
+    return setup.cfg.to_dict() | {"depth": tags["depth"], "arch": tags["arch"], "shortcut": tags["shortcut"]}
+
+
+def run_tags_of_model(setup: Setup) -> dict[str, str]:
+    spec = setup.model.spec
+    return {"model": spec.name, "arch": spec.arch, "depth": str(spec.depth), "family": spec.family,
+            "shortcut": setup.model.shortcut_option if spec.residual else "none"}
+
+
 def run_tags(setup: Setup) -> dict[str, str]:
     commit, dirty = git_commit()
-    spec, cfg = setup.model.spec, setup.cfg
+    cfg = setup.cfg
     device_name = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "cpu"
     return {
-        "mlflow.runName": cfg.name, "model": spec.name, "arch": spec.arch, "depth": str(spec.depth),
-        "family": spec.family, "shortcut": setup.model.shortcut_option if spec.residual else "none",
-        "dataset": cfg.dataset, "seed": str(cfg.seed), "device": device_name,
+        "mlflow.runName": cfg.name, **run_tags_of_model(setup), "dataset": cfg.dataset, "seed": str(cfg.seed), "device": device_name,
         "torch_version": torch.__version__, "git_commit": commit, "git_dirty": str(dirty).lower(),
         "mlflow.source.git.commit": commit, "num_parameters": str(count_parameters(setup.model)),
         "train_examples": str(len(setup.data.train)), "data_source": setup.data.source,
@@ -152,6 +164,8 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dic
     """
     setup = prepare(cfg)  # from here on only setup.cfg, the resolved config, is used
     tracker, saved = _open_run(setup, parent_run_id, extra_tags or {})
+    if system_metrics_enabled():
+        tracker.start_system_metrics(resume=saved is not None)
     try:
         with StopFlag() as stop:
             result = _loop(setup, tracker, stop, saved)
@@ -179,7 +193,8 @@ def _open_run(setup: Setup, parent_run_id: str | None, extra_tags: dict[str, str
     if tracker is not None:
         return tracker, saved
     tags = run_tags(setup) | extra_tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
-    return RunTracker.create(uri, setup.cfg.experiment, setup.cfg.name, params=setup.cfg.to_dict(), tags=tags), None
+    tracker = RunTracker.create(uri, setup.cfg.experiment, setup.cfg.name, params=run_params(setup), tags=tags)
+    return tracker, None
 
 
 def _resumable_checkpoint(setup: Setup) -> dict | None:
@@ -241,7 +256,10 @@ def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None)
             _checkpoint(setup, state, tracker)
             raise Interrupted(stop.signum, done)
     bar.close()
+    final = final_errors(state.last)
+    tracker.log([(key, value, total) for key, value in final.items()])
     _log_final_artifacts(tracker, state.model, cfg, state.probes)
+    _describe_run(tracker, setup, final)
     return TrainResult(tracker.run_id, "FINISHED", total, state.last)
 
 
@@ -335,7 +353,27 @@ def make_probes(cfg: TrainConfig, model: ResNet, device: torch.device, test_load
     first = next(iter(test_loader))
     probe_batch = (first[0][: cfg.batch_size], first[1][: cfg.batch_size])
     return Probes(model, device=device, grad_every=cfg.grad_every, log_every=cfg.log_every,
-                  probe_batch=probe_batch, response_batches=lambda: [first], enabled=cfg.probes)
+                  probe_batch=probe_batch, response_batches=lambda: [first], enabled=cfg.probes,
+                  layer_metrics=cfg.log_layer_metrics)
+
+
+def final_errors(last: dict[str, float]) -> dict[str, float]:
+    """``final/train_error``, ``final/test_error`` (and ``final/val_error``): the last value of each
+    split's error, under one key each, so the runs table can show them as columns of their own."""
+    return {f"final/{split}_error": last[f"{split}/error"] for split in ("train", "test", "val")
+            if f"{split}/error" in last}
+
+
+def _describe_run(tracker: RunTracker, setup: Setup, final: dict[str, float]) -> None:
+    """The run's description (``mlflow.note.content``, shown on its page): net, shortcut, seed,
+    iterations, scale and final errors, one sentence."""
+    cfg, tags = setup.cfg, run_tags_of_model(setup)
+    scale = tracker.tags().get("scale")
+    shortcut = "no shortcut" if tags["shortcut"] == "none" else f"shortcut option {tags['shortcut']}"
+    errors = ", ".join(f"{key.split('/')[1].replace('_', ' ')} {value:.2f} %" for key, value in final.items())
+    tracker.set_tags({"mlflow.note.content": (
+        f"{cfg.model} ({tags['arch']}, {shortcut}), seed {cfg.seed}, {setup.iterations} iterations on "
+        f"{cfg.dataset}{f', {scale} scale' if scale else ''}: final {errors or 'errors not measured'}.")})
 
 
 def _log_init_weights(tracker: RunTracker, model: ResNet) -> None:
@@ -349,11 +387,25 @@ def _log_init_weights(tracker: RunTracker, model: ResNet) -> None:
 
 
 def _log_final_artifacts(tracker: RunTracker, model: ResNet, cfg: TrainConfig, probes: Probes) -> None:
-    """Weights (state_dict), the resolved config, and the probe tables."""
+    """Weights (state_dict), the resolved config, the probe tables, and the run's own figures."""
     tracker.log_text(cfg.to_json(), "config.json")
+    _log_figures(tracker, cfg, probes)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "state_dict.pt"
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
         files: list[tuple[Path, str | None]] = [(weights, "model")]
         files += [(p, "probes") for p in probes.write_tables(Path(tmp) / "probes")]
         tracker.log_artifacts(files)
+
+
+def _log_figures(tracker: RunTracker, cfg: TrainConfig, probes: Probes) -> None:
+    """Its error curves (read back from MLflow, so a resumed run's earlier points are in) and its
+    gradient flow at init and end, as PNGs under ``figures/``."""
+    from . import runfigures
+
+    tracker.flush()
+    history = {key: tracker.history(key) for key in ("train/error", "test/error", "val/error")}
+    tracker.log_figure(runfigures.error_curves(history, cfg.name), "figures/error_curves.png")
+    flow = probes.tables()["grad_flow"]
+    if not flow.empty:
+        tracker.log_figure(runfigures.gradient_flow(flow, f"{cfg.name}: gradient flow"), "figures/gradient_flow.png")

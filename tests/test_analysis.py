@@ -187,6 +187,22 @@ def test_report_is_logged_to_the_parent_run(store: dict, report: Path) -> None:
     assert "report/figures/degradation.pdf" in figs
 
 
+def test_report_gives_the_parent_run_headline_numbers_and_a_description(store: dict, report: Path, study) -> None:
+    """After the report, the parent run's row carries numbers (the plain depth gap on training error,
+    each net's mean final test error) and its description says what ran and what the report found."""
+    parent = MlflowClient(store["uri"]).get_run(store["parent"])
+    m, runs = parent.data.metrics, study.runs
+    for model, g in runs.groupby("model"):
+        assert m[f"study/mean_test_error/{model}"] == pytest.approx(g["test_error"].mean())
+    plain8, plain14 = (runs.loc[runs["model"] == n, "train_error"].iloc[0] for n in ("plain-8", "plain-14"))
+    assert m["study/plain_deep_minus_shallow_train_error"] == pytest.approx(plain14 - plain8)
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith(f"Depth study {STUDY}, cpu scale: 4 nets (plain-8, plain-14, resnet-8, resnet-14) x 2 "
+                           "seeds (0, 1), 20 iterations each, on synthetic.")
+    bullets = [line for line in note.splitlines() if line.startswith("- ")]
+    assert bullets and all(b in report.read_text() for b in bullets)  # the report's summary sentences
+
+
 def test_summary_is_computed_from_the_numbers(study, tmp_path: Path) -> None:
     agg = aggregate(study.runs).set_index("model")
     a, b = agg.loc["plain-14", "train_error_mean"], agg.loc["plain-8", "train_error_mean"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_lab.models import build_model
-from resnet_lab.probes import (HEAD_INPUT, GradNormProbe, Probes, gradient_flow, layer_responses,
+from resnet_lab.probes import (HEAD_INPUT, SUMMARY_PREFIX, GradNormProbe, Probes, gradient_flow, layer_responses,
                                metric_name, response_layers, weight_layers)
 
 CPU = torch.device("cpu")
@@ -85,7 +85,7 @@ def test_missing_grad_counts_as_zero() -> None:
 @pytest.mark.parametrize("drain_every", [10, None])  # drained like the training loop, or never (buffer fills twice)
 def test_every_requested_iteration_is_kept(drain_every: int | None) -> None:
     model = net()
-    probes = Probes(model, device=CPU, grad_every=2, log_every=10)
+    probes = Probes(model, device=CPU, grad_every=2, log_every=10, layer_metrics=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     expected: dict[int, list[float]] = {}
     for it in range(25):
@@ -95,7 +95,7 @@ def test_every_requested_iteration_is_kept(drain_every: int | None) -> None:
             expected[it] = [p.grad.norm().item() for _, p in weight_layers(model)]
         opt.step()
         if drain_every and it % drain_every == drain_every - 1:
-            drained = probes.drain()
+            drained = [p for p in probes.drain() if not p[0].startswith(SUMMARY_PREFIX)]  # the per-layer keys
             assert {step for _, _, step in drained} == {it - 1}  # only the latest measured step
             n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
             assert len(drained) == len(weight_layers(model)) + 1 + n_bn + 1  # layers and totals
@@ -241,7 +241,7 @@ def test_probes_disabled_do_nothing(tmp_path: Path) -> None:
 
 def test_tables_round_trip_through_parquet(tmp_path: Path) -> None:
     model, (x, y) = net(), batch()
-    probes = Probes(model, device=CPU, probe_batch=(x, y), response_batches=lambda: [(x, y)])
+    probes = Probes(model, device=CPU, probe_batch=(x, y), response_batches=lambda: [(x, y)], layer_metrics=True)
     probes.measure(0)
     train_step(model, x, y)
     probes.on_backward(0)
@@ -255,6 +255,37 @@ def test_tables_round_trip_through_parquet(tmp_path: Path) -> None:
         back = pd.read_parquet(path)
         assert list(back.columns) == list(df.columns) and len(back) == len(df) > 0
         assert back["value"].tolist() == df["value"].tolist()
+
+
+def test_default_drain_logs_only_summaries_that_the_tables_reproduce() -> None:
+    """By default MLflow gets a few summaries, each a closed form of the per-layer tables: the first,
+    middle and last main-path conv's norm, each stage's norm sqrt(sum of its layers' squared norms),
+    the total; the flow ratio at the first block's input over the head's input; the mean response
+    std of each stage's 3x3 convs."""
+    model, (x, y) = net("resnet-14", shortcut="B"), batch()  # 2 blocks a stage, projection shortcuts
+    probes = Probes(model, device=CPU, probe_batch=(x, y), response_batches=lambda: [(x, y)])
+    probes.measure(0)
+    train_step(model, x, y)
+    probes.on_backward(0)
+    got = {name: value for name, value, step in probes.drain()}
+    assert all(name.startswith(SUMMARY_PREFIX + "/") for name in got) and len(got) == 7 + 1 + 3
+    tables = probes.tables()
+    w = tables["grad_norms"].query("group == 'weight'").set_index("layer")["value"]
+    main = [n for n in w.index if n != "fc" and "shortcut" not in n]  # stem.conv, then the blocks' convs
+    assert main[0] == "stem.conv" and main[-1] == "stage3.block1.conv2" and len(main) == 13
+    for label, layer in (("first_conv", main[0]), ("middle_conv", main[6]), ("last_conv", main[-1])):
+        assert got[f"{SUMMARY_PREFIX}/grad_norm/{label}"] == pytest.approx(w[layer], rel=1e-6)
+    for stage in ("stage1", "stage2", "stage3"):
+        in_stage = w[w.index.str.startswith(stage + ".")]  # shortcut convs included
+        assert got[f"{SUMMARY_PREFIX}/grad_norm/{stage}"] == pytest.approx(math.sqrt((in_stage ** 2).sum()), rel=1e-5)
+    assert got[f"{SUMMARY_PREFIX}/grad_norm/total"] == pytest.approx(math.sqrt((w ** 2).sum()), rel=1e-5)
+    flow = tables["grad_flow"].set_index("layer")["value"]
+    assert got[f"{SUMMARY_PREFIX}/grad_flow/input_over_head"] == pytest.approx(
+        flow["stage1.block0"] / flow[HEAD_INPUT], rel=1e-6)
+    resp = tables["responses"].set_index("layer")["value"]
+    for stage in ("stage1", "stage2", "stage3"):
+        expected = resp[resp.index.str.startswith(stage + ".")].mean()
+        assert got[f"{SUMMARY_PREFIX}/response_std/{stage}"] == pytest.approx(expected, rel=1e-6)
 
 
 # --- 56 layers on real Fashion-MNIST --------------------------------------------------------

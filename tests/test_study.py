@@ -288,6 +288,9 @@ def test_two_run_study_end_to_end_then_rerun_skips_both(tmp_path: Path, tracking
     assert {k: parent.data.tags.get(k) for k in ("kind", "study", "scale", "study_file", "failed_runs")} == \
         {"kind": "study", "study": "e2e", "scale": scale, "study_file": str(path), "failed_runs": "0"}
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "study")] == ["study/study.toml"]
+    iterations = load_scales(path)[scale].runs[0].cfg.iterations
+    assert parent.data.tags["mlflow.note.content"].startswith(  # what ran, not the study file's prose
+        f"Depth study e2e, {scale} scale: 2 nets (plain-8, resnet-8) x 1 seed (0), {iterations} iterations each")
     children = _children(client, "e2e")
     hashes = {r.name: r.config_hash for r in load_scales(path)[scale].runs}
     assert set(children) == {"plain-8-s0", "resnet-8-s0"}

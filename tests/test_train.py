@@ -51,6 +51,15 @@ def test_synthetic_run_learns_and_logs_a_complete_run(tracking_uri: str) -> None
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "model", "probes"} <= artifacts
     assert [a.path for a in client.list_artifacts(result.run_id, "model")] == ["model/state_dict.pt"]
+    # issue 14: what the UI shows without clicks: final errors, depth/arch/shortcut params, a description, figures
+    assert run.data.metrics["final/test_error"] == _history(client, result.run_id, "test/error")[-1][1]
+    assert run.data.metrics["final/train_error"] == _history(client, result.run_id, "train/error")[-1][1]
+    assert (run.data.params["depth"], run.data.params["arch"], run.data.params["shortcut"]) == ("8", "residual", "A")
+    note = tags["mlflow.note.content"]
+    assert note.startswith("resnet-8 (residual, shortcut option A), seed 0, 40 iterations on synthetic")
+    assert f"test error {run.data.metrics['final/test_error']:.2f} %" in note
+    assert {a.path for a in client.list_artifacts(result.run_id, "figures")} == \
+        {"figures/error_curves.png", "figures/gradient_flow.png"}
 
 
 def test_same_seed_same_metrics_on_cpu(tracking_uri: str) -> None:
@@ -271,3 +280,70 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     (ckpt,) = tmp_path.rglob("*.pt")
     assert not list(tmp_path.rglob("*.tmp"))
     assert ckpt_mod.load(ckpt)["iteration"] == 10  # the first checkpoint survived
+
+
+KEY_BUDGET, DIAG_KEYS = 30, 8  # issue 14: at most 30 metric keys per run, ~8 of them kept for the diagnostics' diag/*
+
+
+def _probe_tables(client: MlflowClient, run_id: str, tmp_path: Path) -> dict[str, "pd.DataFrame"]:
+    import pandas as pd
+
+    folder = Path(client.download_artifacts(run_id, "probes", str(tmp_path)))
+    return {p.stem: pd.read_parquet(p) for p in folder.glob("*.parquet")}
+
+
+@pytest.mark.parametrize("layer_metrics", [False, True])
+def test_a_110_layer_run_logs_at_most_30_keys_and_keeps_every_layer_in_its_tables(
+        tracking_uri: str, tmp_path: Path, layer_metrics: bool) -> None:
+    """ResNet-110 (He et al. Table 6: 54 blocks, 109 convs + fc) with a validation split: by default
+    its metric keys (diag/* room included) fit in 30, whatever the depth, and every layer's values are
+    in the probe tables; log_layer_metrics=true adds one key per layer (the keys before issue 14)."""
+    from resnet_lab.models import build_model
+    from resnet_lab.probes import bn_layers, metric_name, response_layers, weight_layers
+
+    cfg = _cfg(tracking_uri, "keys-110", model="resnet-110", iterations=2, log_every=2, eval_every=2, batch_size=8,
+               eval_batch_size=64, val_size=64, train_size=128, checkpoint_every=0, log_layer_metrics=layer_metrics)
+    result = train(cfg)
+    client = MlflowClient(tracking_uri)
+    keys = set(client.get_run(result.run_id).data.metrics)
+    model = build_model("resnet-110", in_channels=1)
+    weights, bns = [n for n, _ in weight_layers(model)], [n for n, _ in bn_layers(model)]
+    blocks, responses = [n for n, _ in model.named_blocks()], [n for n, _ in response_layers(model)]
+    per_layer = ({metric_name("grad_norm", n) for n in weights} | {metric_name("grad_norm_bn", n) for n in bns}
+                 | {metric_name("grad_flow", n) for n in blocks} | {metric_name("response_std", n) for n in responses})
+    assert len(weights) == 110 and len(blocks) == 54
+    assert {"train/error", "test/error", "val/error", "lr", "final/train_error", "final/test_error",
+            "final/val_error"} <= keys
+    if layer_metrics:
+        assert per_layer <= keys
+    else:
+        assert len(keys) + DIAG_KEYS <= KEY_BUDGET, sorted(keys)
+        assert not keys & per_layer
+    tables = _probe_tables(client, result.run_id, tmp_path)
+    g = tables["grad_norms"]
+    assert set(g.loc[g["group"] == "weight", "layer"]) == set(weights) and set(g.loc[g["group"] == "bn", "layer"]) == set(bns)
+    assert sorted(g["iteration"].unique()) == [0, 1] and len(g) == 2 * (len(weights) + len(bns))
+    assert set(tables["grad_flow"]["layer"]) == {*blocks, "head/input"} and set(tables["responses"]["layer"]) == set(responses)
+
+
+def test_system_metrics_without_psutil_is_one_line_and_starts_no_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "psutil", None)  # import psutil raises ImportError
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    db = tmp_path / "m.db"
+    assert main(["train", "--dataset", "synthetic", "--tracking-uri", f"sqlite:///{db}", "--system-metrics"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "psutil" in err and not db.exists()
+
+
+def test_system_metrics_are_logged_by_mlflows_monitor(tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--system-metrics switches on MLflow's own monitor: system/* keys in the run, beside the training's."""
+    pytest.importorskip("psutil", reason="--system-metrics needs psutil (pip install -e '.[system-metrics]')")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")  # restored after the test
+    from resnet_lab.tracking import enable_system_metrics
+
+    enable_system_metrics()
+    result = train(_cfg(tracking_uri, "system", iterations=20))
+    keys = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in keys) and "final/test_error" in keys

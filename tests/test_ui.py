@@ -191,11 +191,11 @@ def test_url_opens_the_runs_with_their_test_error(server: dict, page: Any, tmp_p
     assert "genai" not in page.url and "/overview" not in page.url  # not the GenAI overview (the default)
     assert page.get_by_role("heading", name="Runs").is_visible()
     _expand_parent(page)
-    # Phase 1: the final test error is the last `test/error` point, shown once its column is picked
-    # (Columns, search, tick). Phase 2 logs `final/test_error`; then look for that key instead.
+    # Each child run logs `final/test_error` (issue 14 phase 2); its column is picked with Columns,
+    # search, tick (MLflow shows no metric column unprompted).
     page.get_by_role("button", name="Columns").click()
-    page.get_by_placeholder("Search columns").fill("test/error")
-    node = page.locator(".du-bois-light-tree-treenode", has=page.get_by_text("test/error", exact=True))
+    page.get_by_placeholder("Search columns").fill("final/test_error")
+    node = page.locator(".du-bois-light-tree-treenode", has=page.get_by_text("final/test_error", exact=True))
     node.locator(".du-bois-light-tree-checkbox").click()  # the column picker is a tree of checkboxes
     page.keyboard.press("Escape")
     from playwright.sync_api import expect
@@ -203,10 +203,12 @@ def test_url_opens_the_runs_with_their_test_error(server: dict, page: Any, tmp_p
     client = MlflowClient(server["uri"])
     for name in NETS:
         run_id = server["runs"][name].info.run_id
-        stored = client.get_run(run_id).data.metrics["test/error"]
+        metrics = client.get_run(run_id).data.metrics
+        stored = metrics["final/test_error"]
+        assert stored == metrics["test/error"]  # the last test-error point
         # ag-grid draws a row in parts (pinned, centre) that share its row-index
         index = page.locator("[role=row]", has=page.locator("a", has_text=name)).first.get_attribute("row-index")
-        cell = page.locator(f"[role=row][row-index='{index}'] [col-id='metrics.`test/error`']")
+        cell = page.locator(f"[role=row][row-index='{index}'] [col-id='metrics.`final/test_error`']")
         expect(cell).to_be_in_viewport()  # seen, not only in the page
         assert float(cell.inner_text()) == pytest.approx(stored, abs=0.01), (name, cell.inner_text(), stored)
     _shot(page, tmp_path, "runs_with_test_error")
