@@ -262,6 +262,16 @@ def test_shipped_study_files_are_valid(path: Path) -> None:
             f"{path.name} {scale.scale}: no depth with both a plain and a residual net"
 
 
+def test_shipped_full_scales_train_enough_seeds_for_a_spread() -> None:
+    """He et al. give mean +- std over 5 runs: cifar10_paper trains 5 seeds, fashion_mnist 3, so every
+    net of a full study has a spread and every plain/resnet pair a paired interval."""
+    root = Path(__file__).parent.parent / "experiments"
+    for name, seeds in (("cifar10_paper", [0, 1, 2, 3, 4]), ("fashion_mnist", [0, 1, 2])):
+        full = load_scales(root / f"{name}.toml")["full"]
+        assert full.seeds == seeds
+        assert len(full.runs) == len(seeds) * len({r.cfg.model for r in full.runs})
+
+
 # ---------------------------------------------------------------- running
 
 def _children(client: MlflowClient, experiment: str) -> dict[str, object]:
