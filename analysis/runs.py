@@ -25,7 +25,6 @@ reduced with numpy on arrival (64k iterations x 220 layers -> a few hundred poin
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from resnet_lab.errors import UserError
-from resnet_lab.tracking import connect, display_uri, is_sqlite, resolve_tracking_uri, search_all_runs, sqlite_path
+from resnet_lab.tracking import connect, display_uri, is_sqlite, no_download_bars, resolve_tracking_uri, search_all_runs, sqlite_path
 
 CURVE_KEYS = ("train/error", "test/error", "val/error", "train/loss", "test/loss", "val/loss", "lr")
 FINAL_KEYS = (*CURVE_KEYS, "perf/images_per_s")
@@ -311,22 +310,9 @@ def local_artifacts(repo: Any, path: str) -> Iterator[Path]:
     if isinstance(repo, LocalArtifactRepository):
         yield Path(repo.artifact_dir) / path
         return
-    with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
+    with tempfile.TemporaryDirectory() as tmp, no_download_bars():
         yield Path(repo.download_artifacts(path, tmp))
 
-
-@contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def _load_curves(client: Any, runs: pd.DataFrame, children: list[Any]) -> pd.DataFrame:

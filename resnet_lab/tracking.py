@@ -18,7 +18,8 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -178,6 +179,21 @@ def _check_sqlite_location(uri: str) -> None:
             raise UserError(f"the MLflow store {db} ({uri}) is not a file; point --tracking-uri at a .db file")
         return
     check_can_create(db.parent, "the MLflow store's folder", "choose another --tracking-uri")
+
+
+@contextmanager
+def no_download_bars() -> Iterator[None]:
+    """No MLflow 'Downloading artifacts' bar per file: the report and the diagnostics show their own."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def search_all_runs(client: Any, experiment_id: str, filter_string: str = "",

@@ -125,6 +125,8 @@ def test_diagnose_logs_every_table_and_metric_into_each_run_and_a_rerun_logs_not
     for run in runs.values():
         assert {n: run.data.tags[tag_key(n)] for n in NAMES} == {n: settings.hash(n) for n in NAMES}
         assert all(_complete(client, run, n) for n in NAMES)
+        # exactly the issue's diag/* keys: 8, the room a run keeps for them in its 30-key budget (issue 14)
+        assert {k for k in run.data.metrics if k.startswith("diag/")} == {k for keys in METRICS.values() for k in keys}
         # nothing deleted = the run's own test error: same images, same normalisation as training
         assert run.data.metrics["diag/lesion/baseline_error"] == pytest.approx(run.data.metrics["test/error"])
         lesion = pd.read_parquet(client.download_artifacts(run.info.run_id, "diagnostics/lesion.parquet"))

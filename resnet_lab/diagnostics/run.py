@@ -26,12 +26,9 @@ sizes) happens before the first log call, so bad input logs nothing.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +41,8 @@ from tqdm import tqdm
 from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..models import ResNet, build_model
-from ..tracking import absolute_uri, connect, display_uri, resolve_tracking_uri, search_all_runs, sqlite_path
+from ..tracking import (absolute_uri, connect, display_uri, no_download_bars, resolve_tracking_uri, search_all_runs,
+                        sqlite_path)
 from . import settings as S
 from .common import BN_IMAGES, CURVATURE_IMAGES, LANDSCAPE_IMAGES, LESION_IMAGES, SHATTERING_IMAGES, subset
 from .curvature import curvature
@@ -125,19 +123,6 @@ def run_data(run: Any, cfg: dict[str, Any]) -> Dataset:
     except UserError as e:
         raise UserError(f"run {run.info.run_id} ({run.info.run_name}): {e}") from None
 
-
-@contextmanager
-def _quiet_downloads() -> Iterator[None]:
-    """No MLflow 'Downloading artifacts' bar per weights file: the diagnostics have their own bars."""
-    key, old = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def run_config(client: Any, run: Any) -> dict[str, Any]:
@@ -288,7 +273,7 @@ def diagnose(study_file: str | Path | None = None, run_id: str | None = None, *,
     client = open_store(absolute_uri(resolve_tracking_uri(tracking_uri)))
     parent, runs = study_runs(client, study) if study is not None else (None, [_get_run(client, run_id)])
     result, jobs = DiagnoseResult(), []
-    with _quiet_downloads():
+    with no_download_bars():
         for run in runs:
             check_run(client, run)
             todo = todo_of(run, names, plan.settings)
