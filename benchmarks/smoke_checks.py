@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from resnet_lab.config import TrainConfig
+from resnet_lab.probes import SUMMARY_PREFIX
 from resnet_lab.train import _start, prepare, train_step
 
 STEPS = 35
@@ -27,7 +28,7 @@ def resumed(uri: str, iterations: int, log_every: int) -> str:
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in runs]
     assert steps == list(range(log_every, iterations + 1, log_every)), steps
-    assert "grad_norm/total" in runs[0].data.metrics  # the probes ran
+    assert f"{SUMMARY_PREFIX}/grad_norm/total" in runs[0].data.metrics  # the probes ran
     return f"one FINISHED run {runs[0].info.run_id}, train/loss steps {steps[0]}..{steps[-1]} each once"
 
 
@@ -44,7 +45,7 @@ def no_sync(device: str, depth: int) -> str:
         torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(STEPS):
-            train_step(step_model, state, setup.cfg, next(batches))
+            train_step(step_model, state, setup.cfg, next(batches), setup.speed)
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
