@@ -28,7 +28,7 @@ from .anchors import Anchor, anchor_for
 from .diag_figures import DIAG_FIGURES, make_diag_figures
 from .diag_findings import PUBLISHED, diagnostic_findings
 from .figures import FIGURES, FigureResult, make_figures, missing_pairs
-from .findings import flow_ratios, pct, ratio_text, summarize
+from .findings import flow_ratios, pct, ratio_text, scale_banner, summarize
 from .runs import Study, aggregate, display_name
 from .tables import write_tables
 
@@ -135,10 +135,19 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _eval_split(runs: pd.DataFrame) -> str:
+    """'the whole split', or the fixed test subset of a quick study (``test_size``)."""
+    sizes = set(runs.get("param_test_size", pd.Series(dtype=object)).dropna().astype(str)) - {"None"}
+    if len(sizes) == 1:
+        return f"a fixed {int(sizes.pop()):,}-image subset of the test set (the same images for every run; validation: the whole split)"
+    return "the whole split"
+
+
 def _inline(text: str) -> str:
-    """Escape, then `code` and [text](url) links (the only inline markup the report uses)."""
+    """Escape, then `code`, **bold** and [text](url) links (the only inline markup the report uses)."""
     out = html.escape(str(text), quote=False)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
     return re.sub(r"\[([^\]]+)\]\(((?:https?://|#)[^)\s]+)\)", r'<a href="\2">\1</a>', out)
 
 
@@ -270,7 +279,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     t_fig = time.perf_counter() - t0
     agg = aggregate(study.runs)
     anchor = anchor_for(study.name)
-    summary = summarize(study.runs, study.grad_flow, study.responses, anchor, study.grad_norm_series)
+    summary = summarize(study.runs, study.grad_flow, study.responses, anchor, study.grad_norm_series, study.curves)
     # a diagnostic not run is said in its own section; only the nets a drawn diagnostic figure lacks are notes
     notes = _dedupe(study.notes + missing_pairs(study) + [n for f in figures for n in f.notes]
                     + [n for f in diag_figures if f.made for n in f.notes])
@@ -282,6 +291,9 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     doc.p(f"Generated {generated} from MLflow tracking store `{display_uri(study.tracking_uri)}`, experiment "
           f"`{study.name}` (id {study.experiment_id}); {len(study.runs)} finished training runs of "
           f"{study.runs['model'].nunique()} nets. Plain vs residual CNNs at depth (He et al. 2016, Sec. 4.2).")
+    banner = scale_banner(study.runs, study.scale)
+    if banner:
+        doc.p(f"**{banner}**")
     doc.h(2, "Summary")
     doc.ul(summary or ["The study has too few nets for a comparison (one depth of one architecture)."])
     doc.h(2, "Final errors")
@@ -289,7 +301,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     doc.table(header, rows, align)
     defs = ("Final = last logged value of each run. Training error is the mean over the last logging window "
             "(the last `log_every` iterations, with augmentation and BN in training mode); test and validation "
-            "error are measured on the whole split at the end. Mean ± sample standard deviation over seeds "
+            f"error are measured on {_eval_split(study.runs)} at the end. Mean ± sample standard deviation over seeds "
             "(± omitted for one seed).")
     if anchor is not None:
         defs += f" {anchor.label}: {anchor.source}." + (f" {anchor.footnote}" if anchor.footnote else "")

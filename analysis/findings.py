@@ -101,6 +101,84 @@ def depth_findings(runs: pd.DataFrame) -> list[str]:
     return out
 
 
+def first_drop(runs: pd.DataFrame) -> int | None:
+    """The first lr milestone the runs share (param ``milestones``, e.g. "[225, 265]"); None if none."""
+    values = {str(v) for v in runs.get("param_milestones", pd.Series(dtype=object)).dropna()}
+    firsts = {int(str(v).strip("[] ").split(",")[0]) for v in values if str(v).strip("[] ")}
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def curve_degradation(runs: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
+    """He et al. Fig. 6 (left) read curve by curve: in each seed, is the deepest plain net's training
+    error above the shallowest plain net's at every evaluation after the first lr drop?
+
+    Training error at an evaluation is the logging window that ends there (a point at step t
+    describes the iterations before t, so only points after the drop count). One sentence saying
+    in how many seeds it holds, and where it fails.
+    """
+    plain = runs[runs["arch"] == "plain"].drop_duplicates("model").sort_values("depth")
+    drop = first_drop(runs)
+    if plain["depth"].nunique() < 2 or drop is None or curves.empty:
+        return []
+    deep, shallow = plain["model"].iloc[-1], plain["model"].iloc[0]
+    tr = curves[curves["metric"] == "train/error"].set_index(["model", "seed", "iteration"])["value"]
+    evals = curves[(curves["metric"] == "test/error") & (curves["iteration"] > drop)]
+    held, failed, n = 0, [], 0
+    for seed in sorted(set(runs.loc[runs["model"] == deep, "seed"]) & set(runs.loc[runs["model"] == shallow, "seed"])):
+        steps = sorted(set(evals.loc[evals["model"] == deep, "iteration"]) & set(evals.loc[evals["model"] == shallow, "iteration"])
+                       & {i for m, s, i in tr.index if s == seed})
+        pairs = [(i, tr.get((deep, seed, i)), tr.get((shallow, seed, i))) for i in steps]
+        pairs = [(i, d, s) for i, d, s in pairs if d is not None and s is not None]
+        if not pairs:
+            continue
+        n += 1
+        below = [i for i, d, s in pairs if not d > s]
+        held += not below
+        if below:
+            failed.append(f"seed {seed}: not above at iteration{'s' if len(below) > 1 else ''} "
+                          + ", ".join(f"{i:,}" for i in below))
+    if not n:
+        return []
+    what = (f"Curve by curve (He et al. Fig. 6, left): {display_name(deep)}'s training error is above "
+            f"{display_name(shallow)}'s at every evaluation after the first lr drop (iteration {drop:,}) "
+            f"in {held} of {n} seed{'s' if n > 1 else ''}")
+    return [what + (f" ({'; '.join(failed)})." if failed else ".")]
+
+
+def _param(runs: pd.DataFrame, name: str) -> str | None:
+    """The one value of a run param all runs share, else None."""
+    values = set(runs.get(f"param_{name}", pd.Series(dtype=object)).dropna().astype(str)) - {"None"}
+    return values.pop() if len(values) == 1 else None
+
+
+def scale_banner(runs: pd.DataFrame, scale: str | None) -> str | None:
+    """For a CPU-scale study: what was shortened, what it can show, and, from the numbers, whether
+    the deeper ResNet trains better than the shallower one (He et al. Fig. 6, right) at this length."""
+    if scale != "cpu":
+        return None
+    its, batch = _param(runs, "iterations"), _param(runs, "batch_size")
+    train_size, test_size = _param(runs, "train_size"), _param(runs, "test_size")
+    length = f"{int(its):,} iterations at batch {batch}" if its and batch else "a short schedule"
+    if its and batch and train_size:
+        length += (f" ({int(its) * int(batch) / int(train_size):.1f} passes over a {int(train_size):,}-image "
+                   "training subset)")
+    test = f"; test error on a fixed {int(test_size):,}-image subset of the test set" if test_size else ""
+    text = (f"CPU scale: a shortened study for a machine without CUDA, {length}{test}, against the paper's 64k "
+            "iterations. It shows the early part of training, where a deep plain net lags most.")
+    res = runs[runs["arch"] == "residual"].drop_duplicates("model").sort_values("depth")
+    if res["depth"].nunique() >= 2:
+        deep, shallow = res["model"].iloc[-1], res["model"].iloc[0]
+        p = paired(runs, deep, shallow, "train_error")
+        if p is not None and _direction(p) == "better":
+            text += f" At this length {display_name(deep)} already trains better than {display_name(shallow)}, as in Fig. 6 (right)."
+        elif p is not None:
+            text += (f" At this length {display_name(deep)} does not train better than {display_name(shallow)} "
+                     f"({pct(p.a_mean)} vs {pct(p.b_mean)} final training error): the paper's Fig. 6 (right), "
+                     "where the deeper ResNet wins, needs the full schedule (`--scale full`, a GPU). Here, compare "
+                     "plain and residual at the same depth, not ResNet depths with each other.")
+    return text
+
+
 def _depth_reading(arch: str, word: str) -> str:
     """What deeper-vs-shallower training error means against He et al."""
     if arch == "plain":
@@ -313,9 +391,11 @@ def single_seed_finding(runs: pd.DataFrame) -> list[str]:
 
 
 def summarize(runs: pd.DataFrame, grad_flow: pd.DataFrame, responses: pd.DataFrame,
-              anchor: Anchor | None = None, grad_norm_series: pd.DataFrame | None = None) -> list[str]:
+              anchor: Anchor | None = None, grad_norm_series: pd.DataFrame | None = None,
+              curves: pd.DataFrame | None = None) -> list[str]:
     """Every finding the data supports, in report order, from the tidy ``runs`` frame (one row per run)."""
     weights = weight_grad_ratios(grad_norm_series) if grad_norm_series is not None else pd.DataFrame()
-    return (single_seed_finding(runs) + depth_findings(runs) + residual_vs_plain(runs)
+    by_curve = curve_degradation(runs, curves) if curves is not None else []
+    return (single_seed_finding(runs) + depth_findings(runs) + by_curve + residual_vs_plain(runs)
             + gradient_flow_findings(flow_ratios(grad_flow))
             + weight_grad_findings(weights) + response_findings(responses) + anchor_findings(runs, anchor))

@@ -47,7 +47,7 @@ METRIC_COLUMNS = ("train_error", "test_error", "val_error", "train_loss", "test_
 ID_COLUMNS = ["run_id", "model", "arch", "depth", "seed"]
 # TrainConfig fields worth a column in ``runs``; every param stays in ``Study.params``.
 KEY_PARAMS = ("dataset", "iterations", "epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones",
-              "lr_decay", "warmup_iterations", "log_every", "eval_every", "grad_every", "train_size", "val_size",
+              "lr_decay", "warmup_iterations", "log_every", "eval_every", "grad_every", "train_size", "test_size", "val_size",
               "augment", "shortcut", "zero_init_residual", "resize", "probes")
 PROBE_FILES = {"grad_norms": "grad_norms.parquet", "grad_flow": "grad_flow.parquet",
                "responses": "responses.parquet"}

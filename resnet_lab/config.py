@@ -39,6 +39,7 @@ class TrainConfig:
     resize: int | None = None
     val_size: int = 0  # paper: 5000 (45k/5k split)
     train_size: int | None = None  # subset of train for quick runs
+    test_size: int | None = None  # fixed subset of test for quick runs (the same images for every seed)
     augment: bool = True  # pad 4 + random crop + horizontal flip
     # optimisation (iteration based; `epochs` is the d2l form and replaces `iterations`)
     batch_size: int = 128
@@ -103,7 +104,7 @@ class TrainConfig:
         for name in ("val_size", "warmup_iterations", "seed"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("resize", "train_size"):
+        for name in ("resize", "train_size", "test_size"):
             if getattr(self, name) is not None:
                 _positive(self, name)
         if (self.iterations is None) == (self.epochs is None):

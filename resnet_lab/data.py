@@ -72,6 +72,9 @@ SYNTHETIC_STREAM, SPLIT_STREAM, SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2, 3, 4
 # The diagnostics' streams (resnet_lab.diagnostics): their fixed image subsets, the lesion's random
 # k-block draws, and the curvature's power-iteration start and Hutchinson vectors.
 DIAG_SUBSET_STREAM, LESION_DRAW_STREAM, CURVATURE_STREAM = 16, 17, 18
+# The test subset of a quick run (``test_size``): drawn once for the dataset, not per seed, so every
+# run and seed of a study is evaluated on the same images (the paired comparisons stay paired).
+TEST_SUBSET_STREAM = 5
 
 
 def derive_seed(*parts: int) -> int:
@@ -246,7 +249,7 @@ def _locate(name: str, data_dir: str | Path | None, data_root: Path, download: b
 # ---------------------------------------------------------------- splitting and statistics
 
 def check_sizes(full_train: int, *, val_size: int = 0, train_size: int | None = None,
-                batch_size: int | None = None) -> int:
+                batch_size: int | None = None, full_test: int | None = None, test_size: int | None = None) -> int:
     """The training examples left of ``full_train`` after ``val_size`` and the ``train_size`` subset.
 
     The one place split and batch sizes are checked (loading, the train loader, ``train``'s
@@ -262,6 +265,9 @@ def check_sizes(full_train: int, *, val_size: int = 0, train_size: int | None = 
     if train_size is not None and train_size > left:
         raise UserError(f"train_size {train_size} exceeds the {left} training examples left after taking "
                         f"{val_size} for validation; use a smaller train_size (--set train_size=N)")
+    if test_size is not None and (test_size <= 0 or (full_test is not None and test_size > full_test)):
+        raise UserError(f"test_size must be between 1 and the {full_test} test examples, got {test_size}; "
+                        "use a smaller test_size (--set test_size=N), or none for the whole test set")
     examples = left if train_size is None else train_size
     if batch_size is not None and batch_size > examples:
         raise UserError(f"batch size {batch_size} is larger than the {examples} training examples; "
@@ -275,6 +281,17 @@ def split_indices(n: int, *, val_size: int, seed: int, train_size: int | None) -
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, SPLIT_STREAM)))
     val, train = perm[:val_size], perm[val_size:]
     return train[:examples].sort().values, val.sort().values
+
+
+def test_subset(test: Split, test_size: int | None) -> Split:
+    """The first ``test_size`` images of one fixed permutation of the test set (all of it for None):
+    the same images whatever the run's seed, sorted back to file order."""
+    check_sizes(1, full_test=len(test), test_size=test_size)
+    if test_size is None:
+        return test
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(derive_seed(0, TEST_SUBSET_STREAM)))
+    idx = perm[:test_size].sort().values
+    return Split(test.images[idx], test.labels[idx])
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -298,8 +315,9 @@ def _resize(split: Split, size: int) -> Split:
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, data_root: str | Path = "data",
                  val_size: int = 0, seed: int = 0, resize: int | None = None,
-                 train_size: int | None = None, download: bool = True) -> Dataset:
-    """Load a whole dataset as uint8 tensors, carve val/subset by `seed`, resize, compute stats."""
+                 train_size: int | None = None, test_size: int | None = None, download: bool = True) -> Dataset:
+    """Load a whole dataset as uint8 tensors, carve val/subset by `seed` (the test subset, if any, is
+    the same for every seed), resize, compute stats."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if resize is not None and resize <= 0:
@@ -311,6 +329,7 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, data_root: st
         full, test, source = _locate(name, data_dir, Path(data_root), download)
     train_idx, val_idx = split_indices(len(full), val_size=val_size, seed=seed, train_size=train_size)
     train = Split(full.images[train_idx], full.labels[train_idx])
+    test = test_subset(test, test_size)
     val = Split(full.images[val_idx], full.labels[val_idx]) if val_size > 0 else None
     if resize is not None:
         train, test = _resize(train, resize), _resize(test, resize)

@@ -52,15 +52,15 @@ def ensure_data(study: Study) -> None:
         except UserError as e:
             raise UserError(f"{study.path}: {e}") from None
         for cfg in cfgs:
-            _check_sizes(study, cfg, len(data.train))
+            _check_sizes(study, cfg, len(data.train), len(data.test))
 
 
-def _check_sizes(study: Study, cfg: TrainConfig, full_train: int) -> None:
-    """val_size, train_size, batch_size and an epoch schedule against the dataset's real size."""
+def _check_sizes(study: Study, cfg: TrainConfig, full_train: int, full_test: int) -> None:
+    """val_size, train_size, test_size, batch_size and an epoch schedule against the dataset's real size."""
     where = f"{study.path}: {cfg.name}{' (cpu scale)' if study.scale == 'cpu' else ''}:"
     try:
         examples = check_sizes(full_train, val_size=cfg.val_size, train_size=cfg.train_size,
-                               batch_size=cfg.batch_size)
+                               batch_size=cfg.batch_size, full_test=full_test, test_size=cfg.test_size)
         cfg.resolved(total_iterations(cfg, examples))
     except UserError as e:
         raise UserError(f"{where} {cfg.dataset}: {e}") from None

@@ -115,7 +115,8 @@ def prepare(cfg: TrainConfig) -> Setup:
                          "--set checkpoint_every=0 to train without checkpoints")
     device = select_device(cfg.device)
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, data_root=cfg.data_root, val_size=cfg.val_size,
-                        seed=cfg.seed, resize=cfg.resize, train_size=cfg.train_size)
+                        seed=cfg.seed, resize=cfg.resize, train_size=cfg.train_size,
+                        test_size=cfg.test_size)
     check_sizes(len(data.train), batch_size=cfg.batch_size)
     iterations = total_iterations(cfg, len(data.train))
     resolved = cfg.resolved(iterations)

@@ -251,6 +251,43 @@ def test_findings_flip_with_the_data() -> None:
     assert findings.depth_findings(_runs([("plain-20", 0, 2.0, 8.0)])) == []
 
 
+def _curves(train: dict[tuple[str, int], list[float]], steps: list[int]) -> pd.DataFrame:
+    """train/error and test/error at ``steps`` for each (model, seed)."""
+    rows = [{"model": m, "seed": s, "iteration": it, "metric": key, "value": v}
+            for (m, s), values in train.items() for it, v in zip(steps, values)
+            for key in ("train/error", "test/error")]
+    return pd.DataFrame(rows)
+
+
+def test_curve_degradation_counts_the_seeds_where_it_holds_after_the_first_drop() -> None:
+    """Deepest plain above shallowest plain at every evaluation after the first lr drop (225): the
+    points at 200 and 225 describe windows before the drop and do not count."""
+    runs = _runs([("plain-20", 0, 20, 0), ("plain-56", 0, 30, 0), ("plain-20", 1, 20, 0), ("plain-56", 1, 30, 0)])
+    runs["param_milestones"] = "[225, 265]"
+    steps = [200, 225, 250, 300]
+    held = _curves({("plain-20", 0): [30, 30, 25, 20], ("plain-56", 0): [20, 20, 35, 30],
+                    ("plain-20", 1): [30, 30, 25, 20], ("plain-56", 1): [20, 40, 26, 21]}, steps)
+    (line,) = findings.curve_degradation(runs, held)
+    assert "in 2 of 2 seeds." in line and "iteration 225" in line
+    broken = _curves({("plain-20", 0): [30, 30, 25, 20], ("plain-56", 0): [20, 20, 35, 30],
+                      ("plain-20", 1): [30, 30, 25, 20], ("plain-56", 1): [40, 40, 25, 19]}, steps)
+    (line,) = findings.curve_degradation(runs, broken)
+    assert line.endswith("in 1 of 2 seeds (seed 1: not above at iterations 250, 300).")
+    assert findings.curve_degradation(runs.assign(param_milestones=None), held) == []
+
+
+def test_cpu_banner_says_whether_the_deeper_resnet_trains_better() -> None:
+    runs = _runs([("resnet-20", 0, 20, 21), ("resnet-56", 0, 25, 26), ("resnet-20", 1, 21, 22), ("resnet-56", 1, 27, 28)])
+    runs = runs.assign(param_iterations="300", param_batch_size="32", param_train_size="10000", param_test_size="1000")
+    assert findings.scale_banner(runs, "full") is None
+    text = findings.scale_banner(runs, "cpu")
+    assert "300 iterations at batch 32 (1.0 passes over a 10,000-image training subset)" in text
+    assert "1,000-image subset of the test set" in text
+    assert "ResNet-56 does not train better than ResNet-20 (26.00 % vs 20.50 %" in text and "--scale full" in text
+    flipped = runs.assign(train_error=[30, 20, 31.5, 21])  # -10 and -10.5 points: a clear difference
+    assert "ResNet-56 already trains better than ResNet-20" in findings.scale_banner(flipped, "cpu")
+
+
 def test_one_seed_is_said_once_not_in_every_sentence() -> None:
     single = _runs([("plain-20", 0, 2.3, 8.0), ("plain-56", 0, 4.1, 9.0), ("resnet-56", 0, 1.0, 7.0)])
     empty = pd.DataFrame()

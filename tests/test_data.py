@@ -245,8 +245,23 @@ def test_train_size_takes_a_seeded_subset_of_the_post_val_train() -> None:
     assert sub.mean == data.channel_stats(sub.train.images)[0]
 
 
+def test_test_size_takes_the_same_test_images_for_every_seed(fashion_mnist_dir: Path) -> None:
+    """A quick run's test subset is one fixed draw: seeds 0 and 1 (whose training subsets differ) are
+    evaluated on the same images, so plain vs residual and seed vs seed stay paired."""
+    def load(**kwargs: int) -> data.Dataset:
+        return load_dataset("fashion-mnist", data_dir=fashion_mnist_dir, download=False, **kwargs)
+    full = load()
+    a, b = (load(test_size=100, train_size=1000, seed=s) for s in (0, 1))
+    assert len(a.test) == 100 and torch.equal(a.test.images, b.test.images) and torch.equal(a.test.labels, b.test.labels)
+    assert not torch.equal(a.train.images, b.train.images)
+    rows = {bytes(x.numpy()) for x in full.test.images}
+    assert all(bytes(x.numpy()) in rows for x in a.test.images)
+    assert not torch.equal(a.test.images, full.test.images[:100])  # a random draw, not the file's first images
+    assert torch.equal(load(test_size=len(full.test)).test.labels.sort().values, full.test.labels.sort().values)
+
+
 @pytest.mark.parametrize("kwargs", [{"val_size": 2048}, {"val_size": -1}, {"train_size": 5000}, {"train_size": 0},
-                                    {"resize": 0}])
+                                    {"resize": 0}, {"test_size": 0}, {"test_size": 100_000}])
 def test_impossible_sizes_are_errors(kwargs: dict) -> None:
     with pytest.raises(UserError):
         load_dataset("synthetic", **kwargs)
