@@ -46,9 +46,16 @@ def _missing(study: Study, name: str) -> list[str]:
 
 def _made(study: Study, out_dir: Path, res: FigureResult, fig: Figure, name: str) -> FigureResult:
     _save(fig, out_dir, res, study)
-    missing = _missing(study, name)
-    if missing:
-        res.notes.append(f"{name}: not run for {', '.join(missing)} (run 'resnet-lab diagnose STUDY_FILE'); "
+    missing = set(_missing(study, name))
+    runs = study.runs
+    have = set(runs.loc[~runs["run_name"].isin(missing), "model"])
+    by_setting = [n for n in runs["run_name"] if n in missing and runs.loc[runs["run_name"] == n, "model"].iloc[0] in have]
+    absent = [n for n in runs["run_name"] if n in missing and n not in by_setting]
+    if by_setting:  # the same words for every diagnostic, so the report's notes say it once
+        res.notes.append(f"The diagnostics ran on some seeds of each net only, as the study's diagnostics `seeds` "
+                         f"setting asks (the CPU scale: the first seed); without them: {', '.join(by_setting)}")
+    if absent:
+        res.notes.append(f"{name}: not run for {', '.join(absent)} (run 'resnet-lab diagnose STUDY_FILE'); "
                          "left out of the figure")
     return res
 
@@ -87,8 +94,13 @@ def draw_lesion(table: pd.DataFrame) -> Figure:
                 kb = a[a["kind"].isin(["single", "k_blocks"])]
                 kb = kb[(kb["kind"] == "k_blocks") | (kb["k"] == 1)]
                 band(bottom, kb, "k", "error", color=color, marker=ARCH_MARKER[arch], markersize=4, lw=1.4)
+                bottom.axhline(a.loc[a["kind"] == "baseline", "error"].mean(), color=color, ls="--", lw=1.0)
             top.set(title=f"depth {depth}", xlabel="deleted block (position)", ylabel="test error (%)")
             bottom.set(xlabel="blocks deleted (k)", ylabel="test error (%)")
+            k_max = int(t["k"].max()) if t["k"].notna().any() else 1
+            for ax, last in ((top, len(order)), (bottom, max(k_max, 1))):  # whole blocks: integer ticks, room at the ends
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlim(0.5, last + 0.5)
             for ax in (top, bottom):
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _arch_legend(fig, set(table["arch"]), [("no block deleted", {"color": "0.3", "ls": "--"}),

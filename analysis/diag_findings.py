@@ -18,12 +18,13 @@ from .stats import mean_sd_n, paired
 
 NEAR_BASELINE_POINTS = 2.0  # a mean single-deletion increase below this many points counts as "near baseline"
 PUBLISHED = {
-    "lesion": "Veit et al. 2016: deleting one block of a ResNet leaves the error near baseline except at "
-              "downsampling blocks; a plain net collapses",
-    "landscape": "Li et al. 2018: the 56-layer net without shortcuts has a far sharper, more chaotic landscape "
-                 "than ResNet-56",
-    "curvature": "Yao et al. 2020 (PyHessian): curvature grows with depth without shortcuts",
-    "shattering": "Balduzzi et al. 2017: gradient correlation decays much faster with depth without shortcuts",
+    "lesion": "Veit et al. 2016, who found that deleting one block of a ResNet leaves the error near baseline "
+              "except at downsampling blocks while a plain net collapses",
+    "landscape": "Li et al. 2018, who found the 56-layer net without shortcuts to have a far sharper, more "
+                 "chaotic landscape than ResNet-56",
+    "curvature": "Yao et al. 2020 (PyHessian), who found that curvature grows with depth without shortcuts",
+    "shattering": "Balduzzi et al. 2017, who found that gradient correlation decays much faster with depth "
+                  "without shortcuts",
 }
 
 
@@ -82,8 +83,8 @@ def lesion_findings(runs: pd.DataFrame, table: pd.DataFrame | None) -> list[str]
         verdict = _verdict(_agree(p) and near if _agree(p) is not None else None)
         out.append(f"Deleting one block raises the test error on average by {_versus(runs, col, plain, resnet, ' points')}"
                    f" for {display_name(plain)} vs {display_name(resnet)} ({na} plain blocks change shape and cannot "
-                   f"be deleted){worst}; the ResNet's error stays {'near' if near else 'not near'} baseline (mean "
-                   f"increase {'below' if near else 'at least'} {NEAR_BASELINE_POINTS:g} points): {verdict} "
+                   f"be deleted){worst}; the ResNet's error {'stays' if near else 'does not stay'} near baseline "
+                   f"(mean increase {'below' if near else 'at least'} {NEAR_BASELINE_POINTS:g} points): {verdict} "
                    f"{PUBLISHED['lesion']}.")
     return out
 

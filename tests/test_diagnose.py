@@ -141,7 +141,8 @@ def test_diagnose_logs_every_table_and_metric_into_each_run_and_a_rerun_logs_not
 
     before = _snapshot(client, "diag_e2e")
     assert main(["diagnose", str(path), "--tracking-uri", tracking_uri, "--no-progress"]) == 0
-    assert "diagnostics logged: 0; already logged with the same settings: 8" in capsys.readouterr().out
+    # 2 runs x 4 diagnostics, and the depth sweep on the parent run
+    assert "diagnostics logged: 0; already logged with the same settings: 9" in capsys.readouterr().out
     assert _snapshot(client, "diag_e2e") == before
 
 

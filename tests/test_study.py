@@ -272,6 +272,17 @@ def test_shipped_full_scales_train_enough_seeds_for_a_spread() -> None:
         assert len(full.runs) == len(seeds) * len({r.cfg.model for r in full.runs})
 
 
+def test_shipped_cpu_scales_train_two_seeds_and_evaluate_six_times() -> None:
+    """Issue 12: every CPU scale trains >= 2 seeds (a spread, a paired interval) and the default
+    study's runs evaluate test error >= 6 times (curves, not two points), all on the same test images."""
+    root = Path(__file__).parent.parent / "experiments"
+    for path in sorted(root.glob("*.toml")):
+        cpu = load_scales(path)["cpu"]
+        assert len(cpu.seeds) >= 2, path.name
+    for run in load_scales(root / "fashion_mnist.toml")["cpu"].runs:
+        assert run.cfg.iterations // run.cfg.eval_every >= 6 and run.cfg.test_size is not None
+
+
 # ---------------------------------------------------------------- running
 
 def _children(client: MlflowClient, experiment: str) -> dict[str, object]:

@@ -281,6 +281,7 @@ def diagnose(study_file: str | Path | None = None, run_id: str | None = None, *,
             if todo:
                 jobs.append(prepare(client, run, Job(run.info.run_id, run.info.run_name, todo, plan.settings), device))
         sweep = _sweep_job(client, parent, runs[0], names, plan.settings, device) if parent is not None else None
+        result.already += parent is not None and "shattering" in names and sweep is None  # the sweep, done before
     # ---- everything checked: from here on, logging
     for job in jobs:
         _run_job(client, job, result, progress)
