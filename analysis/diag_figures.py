@@ -99,7 +99,10 @@ def draw_lesion(table: pd.DataFrame) -> Figure:
             bottom.set(xlabel="blocks deleted (k)", ylabel="test error (%)")
             k_max = int(t["k"].max()) if t["k"].notna().any() else 1
             for ax, last in ((top, len(order)), (bottom, max(k_max, 1))):  # whole blocks: integer ticks, room at the ends
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                if last <= 8:
+                    ax.set_xticks(range(1, last + 1))  # MaxNLocator falls back to fractions below two integers
+                else:
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.set_xlim(0.5, last + 0.5)
             for ax in (top, bottom):
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))

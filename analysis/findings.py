@@ -169,13 +169,16 @@ def scale_banner(runs: pd.DataFrame, scale: str | None) -> str | None:
     if res["depth"].nunique() >= 2:
         deep, shallow = res["model"].iloc[-1], res["model"].iloc[0]
         p = paired(runs, deep, shallow, "train_error")
-        if p is not None and _direction(p) == "better":
-            text += f" At this length {display_name(deep)} already trains better than {display_name(shallow)}, as in Fig. 6 (right)."
+        word = _direction(p) if p is not None else None
+        errors = f"{pct(p.a_mean)} vs {pct(p.b_mean)} final training error" if p is not None else ""
+        if word == "better":
+            text += f" At this length {display_name(deep)} already trains better than {display_name(shallow)} ({errors}), as in Fig. 6 (right)."
         elif p is not None:
-            text += (f" At this length {display_name(deep)} does not train better than {display_name(shallow)} "
-                     f"({pct(p.a_mean)} vs {pct(p.b_mean)} final training error): the paper's Fig. 6 (right), "
-                     "where the deeper ResNet wins, needs the full schedule (`--scale full`, a GPU). Here, compare "
-                     "plain and residual at the same depth, not ResNet depths with each other.")
+            how = (f"trains worse than {display_name(shallow)}" if word == "worse"
+                   else f"and {display_name(shallow)} show no clear difference")
+            text += (f" At this length {display_name(deep)} {how} ({errors}), while in the paper's Fig. 6 (right) "
+                     "the deeper ResNet trains clearly better: that needs the full schedule (`--scale full`, a GPU). "
+                     "Here, compare plain and residual at the same depth, not ResNet depths with each other.")
     return text
 
 

@@ -283,7 +283,9 @@ def test_cpu_banner_says_whether_the_deeper_resnet_trains_better() -> None:
     text = findings.scale_banner(runs, "cpu")
     assert "300 iterations at batch 32 (1.0 passes over a 10,000-image training subset)" in text
     assert "1,000-image subset of the test set" in text
-    assert "ResNet-56 does not train better than ResNet-20 (26.00 % vs 20.50 %" in text and "--scale full" in text
+    assert "ResNet-56 trains worse than ResNet-20 (26.00 % vs 20.50 %" in text and "--scale full" in text
+    close = runs.assign(train_error=[20, 25, 21, 20])  # +5 and -1 points: the interval holds 0
+    assert "ResNet-56 and ResNet-20 show no clear difference (22.50 % vs 20.50 %" in findings.scale_banner(close, "cpu")
     flipped = runs.assign(train_error=[30, 20, 31.5, 21])  # -10 and -10.5 points: a clear difference
     assert "ResNet-56 already trains better than ResNet-20" in findings.scale_banner(flipped, "cpu")
 
