@@ -3,13 +3,16 @@
 Why not plain ``mlflow ui``: since MLflow 3 an experiment opens on a GenAI "traces" overview
 (every panel "No data") unless this browser once picked the "Model training" toggle; the URL
 parameter ``workflowType=machine_learning`` opens the runs view directly. This command checks
-the store and the study first (so a typo starts no server and creates no empty store), starts
-MLflow's own server, waits until it answers and prints that URL as its first line.
+the store and the study first (so a typo starts no server and creates no empty store), stores
+the study's view (its training runs with their final errors as columns: MLflow's shared view
+state, one experiment tag), starts MLflow's own server, waits until it answers and prints that
+URL as its first line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -28,18 +31,42 @@ from .errors import UserError
 from .tracking import connect, display_uri, resolve_tracking_uri
 
 RUNS_VIEW = "workflowType=machine_learning"  # MLflow 3's query parameter for the classic runs view
+# MLflow's shared view state: the URL parameter viewStateShareKey=KEY makes the runs view take its
+# search, sort and columns from the experiment tag mlflow.sharedViewState.KEY (a JSON object).
+VIEW_KEY = "resnet-lab"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 READY_TIMEOUT_S = 180.0  # a cold MLflow server imports for 10-40 s on a busy 2-core machine
 STOP_TIMEOUT_S = 10.0
 ACCESS_OK = re.compile(r'" [23]\d\d ')  # uvicorn's access-log line of a request that succeeded: not echoed
 HINT = ('the browser remembers the "Model training" / "GenAI" toggle: without ?' + RUNS_VIEW +
-        ", MLflow may open an experiment on its GenAI overview (Ctrl-C stops the server)")
+        ", MLflow may open an experiment on its GenAI overview; the URL lists the training runs "
+        "(clear the search box for the study's parent run and its report; Ctrl-C stops the server)")
 
 
 def runs_url(base: str, experiment_id: str | None) -> str:
-    """The experiment's runs view, or the experiment list when no experiment is given."""
+    """The experiment's runs view in the study's shared view (``study_view``), or the experiment
+    list when no experiment is given."""
     if experiment_id is None:
         return f"{base}/#/experiments"
-    return f"{base}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}&viewStateShareKey={VIEW_KEY}"
+
+
+def study_view(has_val: bool) -> dict[str, Any]:
+    """The runs table a study opens on, without a click: its training runs (the parent left out,
+    so no run is folded under it), each net's seeds together (sorted by run name), and the final
+    errors, arch, depth and seed as columns (MLflow shows no metric column unprompted)."""
+    metrics = ["final/train_error", "final/test_error"] + (["final/val_error"] if has_val else [])
+    columns = ([f"metrics.`{m}`" for m in metrics] + ["params.`arch`", "params.`depth`", "tags.`seed`"])
+    return {"searchFilter": "tags.kind = 'train'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+            "selectedColumns": columns}
+
+
+def share_study_view(client: Any, experiment_id: str) -> None:
+    """Store ``study_view`` as the experiment's shared view (one experiment tag, rewritten each
+    time, so it follows the lab's version); the user's own saved view is left alone."""
+    runs = client.search_runs([experiment_id], "tags.kind = 'train'", max_results=1)
+    has_val = bool(runs) and "final/val_error" in runs[0].data.metrics
+    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(study_view(has_val)))
 
 
 def check_store(uri: str) -> None:
@@ -188,7 +215,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     check_store(uri)
     experiment_id = None
     if args.study:
-        experiment_id = study_experiment(connect(uri), uri, study_name(args.study))
+        client = connect(uri)
+        experiment_id = study_experiment(client, uri, study_name(args.study))
+        check_port_free(args.host, args.port)  # before writing anything to the store
+        share_study_view(client, experiment_id)
     return serve(uri, args.host, args.port, experiment_id)
 
 

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from analysis.report import write_report
 from resnet_lab.cli import main
 from resnet_lab.study import run_study
-from resnet_lab.ui import RUNS_VIEW
+from resnet_lab.ui import RUNS_VIEW, VIEW_KEY
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,32 +172,22 @@ def _shot(page: Any, tmp_path: Path, name: str) -> None:
     print(f"screenshot: {path}")
 
 
-def _expand_parent(page: Any) -> None:
-    """Click the parent run's expander: MLflow lists child runs collapsed under their parent."""
-    page.locator(".ag-cell", has=page.locator("a", has_text=STUDY)).locator("button").first.click()
-    for name in NETS:
-        page.locator(".ag-cell a", has_text=name).wait_for()
-
-
 def test_prints_the_runs_view_url_first(server: dict) -> None:
     url, hint = server["lines"]
-    assert url == f"http://127.0.0.1:{server['port']}/#/experiments/{server['experiment_id']}/runs?{RUNS_VIEW}"
+    assert url == (f"http://127.0.0.1:{server['port']}/#/experiments/{server['experiment_id']}/runs?{RUNS_VIEW}"
+                   f"&viewStateShareKey={VIEW_KEY}")
     assert '"Model training"' in hint
 
 
 def test_url_opens_the_runs_with_their_test_error(server: dict, page: Any, tmp_path: Path) -> None:
+    """No click: the printed URL opens the runs view (not the GenAI overview) on the study's shared
+    view, every training run listed (the parent filtered out, so none is folded) with its final
+    test error as a column."""
     page.goto(server["lines"][0])
-    page.locator(".ag-cell a", has_text=STUDY).wait_for()
+    for name in NETS:
+        page.locator(".ag-cell a", has_text=name).wait_for()
     assert "genai" not in page.url and "/overview" not in page.url  # not the GenAI overview (the default)
     assert page.get_by_role("heading", name="Runs").is_visible()
-    _expand_parent(page)
-    # Each child run logs `final/test_error` (issue 14 phase 2); its column is picked with Columns,
-    # search, tick (MLflow shows no metric column unprompted).
-    page.get_by_role("button", name="Columns").click()
-    page.get_by_placeholder("Search columns").fill("final/test_error")
-    node = page.locator(".du-bois-light-tree-treenode", has=page.get_by_text("final/test_error", exact=True))
-    node.locator(".du-bois-light-tree-checkbox").click()  # the column picker is a tree of checkboxes
-    page.keyboard.press("Escape")
     from playwright.sync_api import expect
 
     client = MlflowClient(server["uri"])
@@ -218,8 +208,8 @@ def test_chart_view_shows_the_test_error_chart(server: dict, page: Any, tmp_path
     from playwright.sync_api import expect
 
     page.goto(server["lines"][0] + "&compareRunsMode=CHART")
-    page.locator(".ag-cell a", has_text=STUDY).wait_for()
-    _expand_parent(page)  # charts draw the visible runs; a collapsed parent hides its children
+    for name in NETS:  # charts draw the listed runs: the shared view lists the training runs
+        page.locator(".ag-cell a", has_text=name).wait_for()
     page.get_by_placeholder("Search metric charts").fill("test/error")
     card = page.get_by_test_id("experiment-view-compare-runs-card").filter(
         has=page.locator("h4[title='test/error']"))
