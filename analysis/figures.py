@@ -342,6 +342,7 @@ def draw_grad_flow(grad_flow: pd.DataFrame) -> Figure:
         for i, moment in enumerate(moments):
             for j, depth in enumerate(depths):
                 ax = axes[i, j]
+                ax.set_yscale("log")
                 sub = m[(m["moment"] == moment) & (m["depth"] == depth)]
                 for arch in ARCHS:
                     d = sub[sub["arch"] == arch]
@@ -349,7 +350,6 @@ def draw_grad_flow(grad_flow: pd.DataFrame) -> Figure:
                         band(ax, d, "layer_index", color=ARCH_COLOR[arch], marker=ARCH_MARKER[arch],
                              markersize=3.5 if d["layer_index"].nunique() > 20 else 5, markeredgewidth=0)
                 n_blocks = int(sub["layer_index"].max()) if len(sub) else 0
-                ax.set_yscale("log")
                 ax.set_xlabel("")
                 ax.set_ylabel(f"{GRAD_X}\n{row_label[moment]}" if j == 0 else "")
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
@@ -419,13 +419,13 @@ def draw_grad_norms_by_layer(grad_norms: pd.DataFrame, curves: pd.DataFrame | No
         for i, depth in enumerate(depths):
             for j, (it, name) in enumerate(chosen):
                 ax = axes[i, j]
+                ax.set_yscale("log")
                 sub = w[(w["depth"] == depth) & (w["iteration"] == it)]
                 for arch in ARCHS:
                     d = sub[sub["arch"] == arch]
                     if len(d):
                         band(ax, d, "position", color=ARCH_COLOR[arch], marker=ARCH_MARKER[arch],
                              markersize=3.5 if d["position"].nunique() > 20 else 5, markeredgewidth=0)
-                ax.set_yscale("log")
                 ax.set_xlabel("")
                 ax.set_ylabel(f"depth {depth}\n{GRAD_W}" if j == 0 else "")
                 ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
@@ -515,10 +515,12 @@ def grad_norms_over_training(study: Study, out_dir: Path) -> FigureResult:
     milestones = _milestones(study)
     _save(draw_grad_norms_over_training(s, milestones=milestones, lr_decay=_lr_decay(study)), out_dir, res, study)
     counts = s.groupby("run_id")["n_iterations"].max()
-    binning = ("every iteration" if counts.max() <= 1
+    binning = ("each measured iteration" if counts.max() <= 1
                else f"averaged over bins of up to {int(counts.max())} iterations")
     parts = [f"L2 norm of the weight gradient of the first, middle and last conv layer of the main path "
              f"against iteration ({binning}), log scale; {_seeds_phrase(s)}. Rows: depth."]
+    if s["run_id"].nunique() > s["model"].nunique():
+        parts.append("Where the mean minus one sd is at or below 0 the log axis cannot show the band, and none is drawn.")
     if milestones:
         parts.append(f"Dotted vertical lines: learning-rate drops at {', '.join(map(str, milestones))}.")
     res.caption = " ".join(parts)

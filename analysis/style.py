@@ -72,7 +72,8 @@ def band(ax: Axes, data: pd.DataFrame, x: str, y: str = "value", *, bars: bool =
          alpha: float = BAND_ALPHA, **line_kws) -> bool:
     """The mean of ``y`` over seeds at each ``x`` as a line (``seaborn.lineplot``), with ±1 sample
     sd (ddof=1) as a band (``bars``: error bars with caps) where some ``x`` has several seeds; one
-    seed: the line alone. Returns whether a spread was drawn.
+    seed: the line alone. On a log y axis (set before the call), points where mean - sd <= 0 get
+    no band. Returns whether a spread was drawn.
 
     The mean and sd come from one pandas groupby rather than seaborn's ``errorbar="sd"``, which
     aggregates x by x: 0.75 s per 500-point line with 3 seeds (measured, 2 shared cores), ~40 s
@@ -91,7 +92,12 @@ def band(ax: Axes, data: pd.DataFrame, x: str, y: str = "value", *, bars: bool =
             ax.errorbar(s[x], s["mean"], yerr=s["sd"].fillna(0.0), fmt="none", ecolor=color, capsize=4,
                         elinewidth=1.2, zorder=line_kws.get("zorder", 2))
         else:
-            ax.fill_between(s[x], s["mean"] - s["sd"], s["mean"] + s["sd"], color=color, alpha=alpha, linewidth=0)
+            low = s["mean"] - s["sd"]
+            # a log axis cannot show an edge at or below 0: there the band is left out, not drawn down
+            # to the axis bottom (which reads as a collapse that no seed had)
+            shown = (low > 0) if ax.get_yscale() == "log" else np.ones(len(s), dtype=bool)
+            ax.fill_between(s[x], low.where(shown), (s["mean"] + s["sd"]).where(shown), where=np.asarray(shown),
+                            color=color, alpha=alpha, linewidth=0)
     return spread
 
 
