@@ -1,5 +1,6 @@
 # User-facing targets (depth-study, report, ui) install the project alone; `make test` adds its
-# test extras (pytest, and Ray so the Ray launcher is tested too), which a study does not need.
+# test extras (pytest and pytest-xdist, Ray so the Ray launcher is tested too, Playwright for the
+# browser test), which a study does not need.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,9 @@ STUDY  ?= experiments/fashion_mnist.toml
 STUDY_ARGS ?=
 DIAGNOSE_ARGS ?=
 BENCH_ARGS ?=
-PYTEST_ARGS ?=
+# two pytest workers, one test file each at a time (module fixtures are built once): the suite
+# took 15.6 min serially and 11.7 min this way on 2 cores (docs/benchmarks.md)
+PYTEST_ARGS ?= -n 2 --dist loadfile
 PORT   ?= 5000
 APT_GET ?= apt-get
 # exits 3 when the study needs Fashion-MNIST and it is neither here nor downloadable
