@@ -46,11 +46,11 @@ def _missing(study: Study, name: str) -> list[str]:
 
 def _made(study: Study, out_dir: Path, res: FigureResult, fig: Figure, name: str) -> FigureResult:
     _save(fig, out_dir, res, study)
-    missing = set(_missing(study, name))
-    runs = study.runs
-    have = set(runs.loc[~runs["run_name"].isin(missing), "model"])
-    by_setting = [n for n in runs["run_name"] if n in missing and runs.loc[runs["run_name"] == n, "model"].iloc[0] in have]
-    absent = [n for n in runs["run_name"] if n in missing and n not in by_setting]
+    missing = _missing(study, name)
+    model_of = dict(zip(study.runs["run_name"], study.runs["model"]))
+    have = {m for n, m in model_of.items() if n not in missing}  # nets diagnosed on some seed
+    by_setting = [n for n in missing if model_of[n] in have]
+    absent = [n for n in missing if model_of[n] not in have]
     if by_setting:  # the same words for every diagnostic, so the report's notes say it once
         res.notes.append(f"The diagnostics ran on some seeds of each net only, as the study's diagnostics `seeds` "
                          f"setting asks (the CPU scale: the first seed); without them: {', '.join(by_setting)}")
@@ -104,8 +104,6 @@ def draw_lesion(table: pd.DataFrame) -> Figure:
                 else:
                     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
                 ax.set_xlim(0.5, last + 0.5)
-            for ax in (top, bottom):
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _arch_legend(fig, set(table["arch"]), [("no block deleted", {"color": "0.3", "ls": "--"}),
                                                ("cannot be deleted (changes shape)",
                                                 {"color": "0.3", "marker": "x", "ls": "none"})])

@@ -29,7 +29,7 @@ from .diag_figures import DIAG_FIGURES, make_diag_figures
 from .diag_findings import PUBLISHED, diagnostic_findings
 from .figures import FIGURES, FigureResult, make_figures, missing_pairs
 from .findings import flow_ratios, pct, ratio_text, scale_banner, summarize
-from .runs import Study, aggregate, display_name
+from .runs import Study, aggregate, display_name, shared_param
 from .tables import write_tables
 
 # params that are not the training configuration: where things live, how it ran, and each run's own identity
@@ -137,9 +137,9 @@ def _md_cell(text: str) -> str:
 
 def _eval_split(runs: pd.DataFrame) -> str:
     """'the whole split', or the fixed test subset of a quick study (``test_size``)."""
-    sizes = set(runs.get("param_test_size", pd.Series(dtype=object)).dropna().astype(str)) - {"None"}
-    if len(sizes) == 1:
-        return f"a fixed {int(sizes.pop()):,}-image subset of the test set (the same images for every run; validation: the whole split)"
+    size = shared_param(runs, "test_size")
+    if size is not None:
+        return f"a fixed {int(size):,}-image subset of the test set (the same images for every run; validation: the whole split)"
     return "the whole split"
 
 

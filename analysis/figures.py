@@ -17,7 +17,6 @@ darker for deeper nets.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from .runs import Study, display_name, seed_mean
+from .runs import Study, display_name, seed_mean, shared_milestones, shared_param
 from .stats import net_order
 from .style import (ARCH_COLOR, ARCH_LABEL, ARCH_MARKER, ARCHS, STYLE, arch_depth_colors, band, band_handle,
                     depth_colors, legend_handles, save_figure, seed_points)
@@ -65,24 +64,13 @@ def _iter_formatter(max_iter: float) -> FuncFormatter:
     return FuncFormatter(fmt)
 
 
-def _one_param(study: Study, name: str) -> str | None:
-    """A training param's value if every run shares it, else None."""
-    values = set(study.runs.get(f"param_{name}", pd.Series(dtype=object)).dropna().astype(str))
-    return values.pop() if len(values) == 1 else None
-
-
 def _milestones(study: Study) -> list[int]:
-    """The lr-drop iterations if every run shares them, else []."""
-    try:
-        ms = json.loads(_one_param(study, "milestones") or "null")
-    except (ValueError, TypeError):
-        return []
-    return [int(m) for m in ms] if isinstance(ms, list) else []
+    return shared_milestones(study.runs)
 
 
 def _lr_decay(study: Study) -> float | None:
     try:
-        return float(_one_param(study, "lr_decay") or "nan")
+        return float(shared_param(study.runs, "lr_decay") or "nan")
     except ValueError:
         return None
 

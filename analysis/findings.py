@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .anchors import Anchor
-from .runs import display_name
+from .runs import display_name, shared_milestones, shared_param
 from .stats import Interval, Paired, comparisons, paired, per_net, within_two_sd
 
 METRIC_WORDS = {"train_error": "training error", "test_error": "test error", "val_error": "validation error"}
@@ -101,13 +101,6 @@ def depth_findings(runs: pd.DataFrame) -> list[str]:
     return out
 
 
-def first_drop(runs: pd.DataFrame) -> int | None:
-    """The first lr milestone the runs share (param ``milestones``, e.g. "[225, 265]"); None if none."""
-    values = {str(v) for v in runs.get("param_milestones", pd.Series(dtype=object)).dropna()}
-    firsts = {int(str(v).strip("[] ").split(",")[0]) for v in values if str(v).strip("[] ")}
-    return firsts.pop() if len(firsts) == 1 else None
-
-
 def curve_degradation(runs: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
     """He et al. Fig. 6 (left) read curve by curve: in each seed, is the deepest plain net's training
     error above the shallowest plain net's at every evaluation after the first lr drop?
@@ -117,9 +110,10 @@ def curve_degradation(runs: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
     in how many seeds it holds, and where it fails.
     """
     plain = runs[runs["arch"] == "plain"].drop_duplicates("model").sort_values("depth")
-    drop = first_drop(runs)
-    if plain["depth"].nunique() < 2 or drop is None or curves.empty:
+    milestones = shared_milestones(runs)
+    if plain["depth"].nunique() < 2 or not milestones or curves.empty:
         return []
+    drop = milestones[0]
     deep, shallow = plain["model"].iloc[-1], plain["model"].iloc[0]
     tr = curves[curves["metric"] == "train/error"].set_index(["model", "seed", "iteration"])["value"]
     evals = curves[(curves["metric"] == "test/error") & (curves["iteration"] > drop)]
@@ -145,19 +139,13 @@ def curve_degradation(runs: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
     return [what + (f" ({'; '.join(failed)})." if failed else ".")]
 
 
-def _param(runs: pd.DataFrame, name: str) -> str | None:
-    """The one value of a run param all runs share, else None."""
-    values = set(runs.get(f"param_{name}", pd.Series(dtype=object)).dropna().astype(str)) - {"None"}
-    return values.pop() if len(values) == 1 else None
-
-
 def scale_banner(runs: pd.DataFrame, scale: str | None) -> str | None:
     """For a CPU-scale study: what was shortened, what it can show, and, from the numbers, whether
     the deeper ResNet trains better than the shallower one (He et al. Fig. 6, right) at this length."""
     if scale != "cpu":
         return None
-    its, batch = _param(runs, "iterations"), _param(runs, "batch_size")
-    train_size, test_size = _param(runs, "train_size"), _param(runs, "test_size")
+    its, batch = shared_param(runs, "iterations"), shared_param(runs, "batch_size")
+    train_size, test_size = shared_param(runs, "train_size"), shared_param(runs, "test_size")
     length = f"{int(its):,} iterations at batch {batch}" if its and batch else "a short schedule"
     if its and batch and train_size:
         length += (f" ({int(its) * int(batch) / int(train_size):.1f} passes over a {int(train_size):,}-image "

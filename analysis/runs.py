@@ -24,6 +24,7 @@ reduced with numpy on arrival (64k iterations x 220 layers -> a few hundred poin
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -63,6 +64,22 @@ SWEEP = "shattering_sweep"  # the parent run's table: shattering at init over de
 def metric_column(key: str) -> str:
     """``"train/error" -> "train_error"``: the ``runs`` column of a metric's final value."""
     return key.replace("/", "_")
+
+
+def shared_param(runs: pd.DataFrame, name: str) -> str | None:
+    """A training param's value (``param_<name>`` column) if every run shares it, else None; a
+    param logged as "None" (an unset optional field) counts as absent."""
+    values = set(runs.get(f"param_{name}", pd.Series(dtype=object)).dropna().astype(str)) - {"None"}
+    return values.pop() if len(values) == 1 else None
+
+
+def shared_milestones(runs: pd.DataFrame) -> list[int]:
+    """The lr-drop iterations if every run shares them, else []."""
+    try:
+        ms = json.loads(shared_param(runs, "milestones") or "null")
+    except (ValueError, TypeError):
+        return []
+    return [int(m) for m in ms] if isinstance(ms, list) else []
 
 
 def display_name(model: str, arch: str | None = None, depth: int | None = None) -> str:

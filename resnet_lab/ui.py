@@ -182,8 +182,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def serve(uri: str, host: str, port: int, experiment_id: str | None) -> int:
-    """Start the server, print the URL, block until Ctrl-C (exit 0) or the server dies (exit 1)."""
-    check_port_free(host, port)
+    """Start the server (the caller has checked the port), print the URL, block until Ctrl-C
+    (exit 0) or the server dies (exit 1)."""
     base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = None
@@ -217,7 +217,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if args.study:
         client = connect(uri)
         experiment_id = study_experiment(client, uri, study_name(args.study))
-        check_port_free(args.host, args.port)  # before writing anything to the store
+    check_port_free(args.host, args.port)  # before the view is written to the store
+    if experiment_id is not None:
         share_study_view(client, experiment_id)
     return serve(uri, args.host, args.port, experiment_id)
 
