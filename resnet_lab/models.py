@@ -273,6 +273,11 @@ def build_model(
                   shortcut=shortcut, zero_init_residual=zero_init_residual)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's weights live (the probes and the diagnostics put their inputs there)."""
+    return next(model.parameters()).device
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

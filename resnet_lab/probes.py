@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .models import ResNet
+from .models import ResNet, device_of
 
 HEAD_INPUT = "head/input"
 # The summaries' key prefix. MLflow's chart view groups keys into sections by what comes before
@@ -189,10 +189,6 @@ def _probe_mode(model: nn.Module, *, train: bool) -> Iterator[None]:
                 b.copy_(copy)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def gradient_flow(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tuple[str, float]]:
     """||dL/dx|| at every block input in forward order, then at the head input (``head/input``).
 
@@ -205,7 +201,7 @@ def gradient_flow(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[tu
     captured: list[torch.Tensor] = []
     handles = [b.register_forward_pre_hook(lambda _m, args: captured.append(args[0])) for _, b in blocks]
     handles.append(blocks[-1][1].register_forward_hook(lambda _m, _a, out: captured.append(out)))
-    device = _device_of(model)
+    device = device_of(model)
     try:
         with _probe_mode(model, train=True), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             x = x.to(device).detach().requires_grad_()  # so even a first block with no stem is in the graph
@@ -225,7 +221,7 @@ def layer_responses(model: ResNet, batches: Iterable[Batch]) -> list[tuple[str, 
     like ``torch.std``), from float64 sum / sum of squares kept on the device.
     """
     layers = response_layers(model)
-    device = _device_of(model)
+    device = device_of(model)
     acc = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)  # sum, sum of squares
     counts = [0] * len(layers)  # element counts are shapes, known on the host
 

@@ -39,10 +39,6 @@ def untouched(model: nn.Module) -> Iterator[None]:
                 v.copy_(saved[k])
 
 
-def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def subset(split: Split, n: int, *, seed: int, purpose: int, mean: tuple[float, ...], std: tuple[float, ...],
            device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed, seeded, unaugmented subset of ``n`` images, normalised as in training, on ``device``.

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..data import CURVATURE_STREAM, derive_seed
 from ..errors import UserError
-from .common import check_inputs, device_of, untouched
+from ..models import device_of
+from .common import check_inputs, untouched
 from .settings import CurvatureSettings
 
 

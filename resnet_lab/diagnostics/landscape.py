@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .common import check_inputs, device_of, loss_error_sums, reestimate_bn, untouched
+from ..models import device_of
+from .common import check_inputs, loss_error_sums, reestimate_bn, untouched
 from .settings import LandscapeSettings
 
 PATH_RANGE = (-0.25, 1.25)

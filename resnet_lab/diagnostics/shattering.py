@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models import build_model
-from .common import check_inputs, device_of, reestimate_bn, untouched
+from ..models import build_model, device_of
+from .common import check_inputs, reestimate_bn, untouched
 from .settings import ShatteringSettings
 
 MOMENTS = ("init", "final")
