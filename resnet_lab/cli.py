@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .config import TrainConfig, apply, field_help, load_toml, parse_overrides
+from typing import TYPE_CHECKING
+
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -40,6 +44,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < --config file < named flags < --set, validated."""
+    from .config import TrainConfig, apply, load_toml, parse_overrides  # torch: imported when a command needs it
+
     cfg = TrainConfig()
     if args.config:
         cfg = apply(cfg, load_toml(args.config), args.config)
@@ -57,6 +63,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
+        from .config import field_help
+
         print(field_help())
         return 0
     from .tracking import enable_system_metrics
@@ -109,10 +117,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (default: family default)")
     p.set_defaults(func=cmd_describe)
     from analysis import report
-    from . import study, ui
+    from . import study_command, ui
     from .diagnostics import command as diagnose
 
-    study.add_parser(sub)
+    study_command.add_parser(sub)
     diagnose.add_parser(sub)
     report.add_parser(sub)
     ui.add_parser(sub)

@@ -11,7 +11,6 @@ The study file format is in ``resnet_lab.studyfile``; how runs are launched in `
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -29,7 +28,7 @@ from .data import check_sizes, load_dataset
 from .errors import UserError
 from .launch import Outcome, Reporter
 from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
-from .tracking import (RunTracker, absolute_uri, connect, display_uri, enable_system_metrics, get_or_create_experiment,
+from .tracking import (RunTracker, absolute_uri, connect, display_uri, get_or_create_experiment,
                        resolve_tracking_uri, search_all_runs)
 from .train import total_iterations
 
@@ -430,47 +429,3 @@ def print_summary(result: StudyResult) -> None:
               f"{fmt_seconds(o.seconds) if o.status != 'SKIPPED' else '-':>7s}  {o.run_id or '-'}")
     for o in result.failed:
         print(f"  {o.run.name} {o.status.lower()}: {o.reason}")
-
-
-# ---------------------------------------------------------------- command line
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``resnet-lab study``."""
-    p = sub.add_parser(
-        "study", help="run a depth study (experiments/*.toml) as MLflow runs under one parent run",
-        description="Train every model x seed of a study file, each as an MLflow child run under one parent run; "
-                    "rerunning skips finished runs and resumes interrupted ones from their checkpoints.")
-    p.add_argument("file", help="study file, e.g. experiments/fashion_mnist.toml")
-    p.add_argument("--scale", default="auto", choices=["auto", "cpu", "full"],
-                   help="auto (default): the full study on CUDA, the file's [cpu] scale without CUDA")
-    p.add_argument("--jobs", type=int, help="train N runs at once in worker processes (default 1, or one per "
-                                            "--devices GPU)")
-    p.add_argument("--devices", help="GPU indices to spread runs over, e.g. 0,1 (default: cuda if present, else cpu)")
-    p.add_argument("--launcher", default="local", choices=["local", "ray"],
-                   help="local (default): this machine; ray: one Ray task per run (pip install '.[ray]')")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray instance)")
-    p.add_argument("--gpus-per-run", type=float, help="GPUs each Ray task asks for, e.g. 0.25 (default 1)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db); "
-                                          "use an http:// server for Ray clusters")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars, one line per run start/finish")
-    p.add_argument("--dry-run", action="store_true", help="validate the file and list its runs; train nothing")
-    p.add_argument("--system-metrics", action="store_true",
-                   help="log each training run's CPU, memory, disk, network (and GPU) use with MLflow's own "
-                        "monitor (needs psutil)")
-    p.set_defaults(func=cmd_study)
-
-
-def cmd_study(args: argparse.Namespace) -> int:
-    """Exit code: 0 all runs finished, 1 some failed (UserError -> 2 via the CLI)."""
-    if args.system_metrics and not args.dry_run:
-        enable_system_metrics()  # MLflow's switch is an environment variable: worker processes inherit it
-    result = run_study(args.file, scale=args.scale, jobs=args.jobs, devices=args.devices, launcher=args.launcher,
-                       address=args.address, gpus_per_run=args.gpus_per_run, tracking_uri=args.tracking_uri,
-                       progress=not args.no_progress, dry_run=args.dry_run)
-    if result is None:
-        return 0
-    if result.failed:
-        print(f"resnet-lab: {len(result.failed)} of {len(result.outcomes)} runs of study {result.study.name} failed: "
-              f"{', '.join(o.run.name for o in result.failed)}", file=sys.stderr)
-        return 1
-    return 0

@@ -108,3 +108,12 @@ def test_console_script_help_for_every_subcommand(capsys: pytest.CaptureFixture[
         with pytest.raises(SystemExit) as exit_:
             main([sub, "--help"])
         assert exit_.value.code == 0 and f"usage: resnet-lab {sub}" in capsys.readouterr().out
+
+
+def test_building_the_command_line_imports_no_torch() -> None:
+    """``resnet-lab ui`` and ``--help`` start without importing torch (6 s of a 2-core machine's
+    start-up): only a command that trains, describes or diagnoses imports it."""
+    code = ("import sys; from resnet_lab.cli import make_parser; make_parser().parse_args(['ui']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

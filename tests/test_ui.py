@@ -122,29 +122,44 @@ def study(sync_playwright: Any, tracking_uri: str, tmp_path_factory: pytest.Temp
     return {"path": path, "uri": tracking_uri, "experiment_id": exp.experiment_id, "folder": folder, "runs": runs}
 
 
+class Booting:
+    """``resnet-lab ui`` started, its two lines read on a thread: tests that need the URL wait for it
+    (``lines``), so the server boots (10-15 s) while tests that do not need it run."""
+
+    def __init__(self, study: dict) -> None:
+        self.study, self.port = study, _free_port()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "resnet_lab.cli", "ui", str(study["path"]),
+                                      "--tracking-uri", study["uri"], "--port", str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     cwd=study["folder"])
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self._lines.extend(
+            [self.proc.stdout.readline(), self.proc.stdout.readline()]))
+        self._reader.start()
+
+    @property
+    def lines(self) -> list[str]:
+        self._reader.join(START_TIMEOUT_S)
+        assert len(self._lines) == 2 and self._lines[0].startswith("http"), \
+            f"no URL after {START_TIMEOUT_S} s: {self.proc.poll()=}"
+        return [ln.rstrip("\n") for ln in self._lines]
+
+
 @pytest.fixture(scope="module")
-def server(study: dict) -> Iterator[dict]:
+def server(study: dict) -> Iterator[Booting]:
     """``resnet-lab ui`` on the study, as a user starts it; stopped with SIGINT (Ctrl-C) afterwards."""
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "resnet_lab.cli", "ui", str(study["path"]), "--tracking-uri",
-                             study["uri"], "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=study["folder"])
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend([proc.stdout.readline(), proc.stdout.readline()]))
-    reader.start()
-    reader.join(START_TIMEOUT_S)
+    booting = Booting(study)
     try:
-        assert len(lines) == 2 and lines[0].startswith("http"), f"no URL after {START_TIMEOUT_S} s: {proc.poll()=}"
-        yield {"port": port, "lines": [ln.rstrip("\n") for ln in lines], **study}
+        yield booting
     finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(30)
-        stderr = proc.stderr.read()
+        booting.proc.send_signal(signal.SIGINT)
+        code = booting.proc.wait(30)
+        stderr = booting.proc.stderr.read()
     assert code == 0, stderr
     assert "stopping the MLflow server" in stderr
     with socket.socket() as s:  # nothing listens there any more (the browser's closed connections may linger)
-        assert s.connect_ex(("127.0.0.1", port)) != 0
+        assert s.connect_ex(("127.0.0.1", booting.port)) != 0
 
 
 @pytest.fixture(scope="module")
@@ -172,27 +187,39 @@ def _shot(page: Any, tmp_path: Path, name: str) -> None:
     print(f"screenshot: {path}")
 
 
-def test_prints_the_runs_view_url_first(server: dict) -> None:
-    url, hint = server["lines"]
-    assert url == (f"http://127.0.0.1:{server['port']}/#/experiments/{server['experiment_id']}/runs?{RUNS_VIEW}"
+def test_report_images_all_decode(study: dict, server: Booting, page: Any, tmp_path: Path) -> None:
+    """Every image of report.html decodes. First of the browser tests and given ``server`` only to
+    start it: MLflow's server boots while the report is written."""
+    md = write_report(STUDY, tracking_uri=study["uri"], out_dir=tmp_path / "reports", log_to_mlflow=False)
+    page.goto(md.with_suffix(".html").as_uri())
+    page.wait_for_load_state("load")
+    widths = page.locator("img").evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+    assert widths and all(w > 0 for w in widths), widths
+    page.locator("img").first.scroll_into_view_if_needed()
+    _shot(page, tmp_path, "report")
+
+
+def test_prints_the_runs_view_url_first(server: Booting) -> None:
+    url, hint = server.lines
+    assert url == (f"http://127.0.0.1:{server.port}/#/experiments/{server.study['experiment_id']}/runs?{RUNS_VIEW}"
                    f"&viewStateShareKey={VIEW_KEY}")
     assert '"Model training"' in hint
 
 
-def test_url_opens_the_runs_with_their_test_error(server: dict, page: Any, tmp_path: Path) -> None:
+def test_url_opens_the_runs_with_their_test_error(server: Booting, page: Any, tmp_path: Path) -> None:
     """No click: the printed URL opens the runs view (not the GenAI overview) on the study's shared
     view, every training run listed (the parent filtered out, so none is folded) with its final
     test error as a column."""
-    page.goto(server["lines"][0])
+    page.goto(server.lines[0])
     for name in NETS:
         page.locator(".ag-cell a", has_text=name).wait_for()
     assert "genai" not in page.url and "/overview" not in page.url  # not the GenAI overview (the default)
     assert page.get_by_role("heading", name="Runs").is_visible()
     from playwright.sync_api import expect
 
-    client = MlflowClient(server["uri"])
+    client = MlflowClient(server.study["uri"])
     for name in NETS:
-        run_id = server["runs"][name].info.run_id
+        run_id = server.study["runs"][name].info.run_id
         metrics = client.get_run(run_id).data.metrics
         stored = metrics["final/test_error"]
         assert stored == metrics["test/error"]  # the last test-error point
@@ -204,10 +231,10 @@ def test_url_opens_the_runs_with_their_test_error(server: dict, page: Any, tmp_p
     _shot(page, tmp_path, "runs_with_test_error")
 
 
-def test_chart_view_shows_the_test_error_chart(server: dict, page: Any, tmp_path: Path) -> None:
+def test_chart_view_shows_the_test_error_chart(server: Booting, page: Any, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    page.goto(server["lines"][0] + "&compareRunsMode=CHART")
+    page.goto(server.lines[0] + "&compareRunsMode=CHART")
     for name in NETS:  # charts draw the listed runs: the shared view lists the training runs
         page.locator(".ag-cell a", has_text=name).wait_for()
     page.get_by_placeholder("Search metric charts").fill("test/error")
@@ -217,13 +244,3 @@ def test_chart_view_shows_the_test_error_chart(server: dict, page: Any, tmp_path
     card.locator(".scatterlayer path.js-line").nth(len(NETS) - 1).wait_for()
     expect(card.locator("h4[title='test/error']")).to_be_in_viewport()
     _shot(page, tmp_path, "chart_test_error")
-
-
-def test_report_images_all_decode(study: dict, page: Any, tmp_path: Path) -> None:
-    md = write_report(STUDY, tracking_uri=study["uri"], out_dir=tmp_path / "reports", log_to_mlflow=False)
-    page.goto(md.with_suffix(".html").as_uri())
-    page.wait_for_load_state("load")
-    widths = page.locator("img").evaluate_all("imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-    assert widths and all(w > 0 for w in widths), widths
-    page.locator("img").first.scroll_into_view_if_needed()
-    _shot(page, tmp_path, "report")
