@@ -7,6 +7,7 @@ belong in the scripts' output and docs/benchmarks.md, measured on a named machin
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,17 +41,39 @@ def test_throughput_runs(tmp_path: Path) -> None:
     assert labs == {"lab fp32 contiguous", "lab fp32 channels_last"}  # one row per precision x layout
 
 
+@pytest.fixture(scope="module")
+def report_time(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[dict[str, str]]]:
+    """report_time.py on a small full-layout store, kept for ui_load.py (building one costs seconds)."""
+    tmp = tmp_path_factory.mktemp("report_time")
+    stdout, rows = run("report_time.py", "--iterations", "2000", "--repeats", "1", "--store", str(tmp / "s"),
+                       tmp_path=tmp)
+    return tmp / "s", stdout, rows
+
+
 @pytest.mark.filterwarnings("ignore")
-def test_report_time_runs_the_real_report_on_a_full_layout_store(tmp_path: Path) -> None:
-    stdout, rows = run("report_time.py", "--iterations", "2000", "--repeats", "1", "--store", str(tmp_path / "s"),
-                       tmp_path=tmp_path)
+def test_report_time_runs_the_real_report_on_a_full_layout_store(report_time: tuple) -> None:
+    store, stdout, rows = report_time
     what = [r["what"] for r in rows]
     assert what[0] == "end_to_end" and float(rows[0]["seconds"]) > 0
     assert {f"figure {n}" for n in ("degradation", "error_vs_depth", "grad_flow", "grad_norms_by_layer",
                                      "grad_norms_over_training", "layer_responses")} <= set(what)
     assert "9 runs" in stdout and "target" in stdout
-    assert (tmp_path / "s" / "complete").read_text().strip() == "2000"  # kept, to be reused
+    assert (store / "complete").read_text().strip() == "2000"  # kept, to be reused
     # a folder holding something else is refused, not overwritten
     p = subprocess.run([sys.executable, str(BENCH / "report_time.py"), "--iterations", "4000", "--store",
-                        str(tmp_path / "s")], cwd=BENCH, capture_output=True, text=True)
+                        str(store)], cwd=BENCH, capture_output=True, text=True)
     assert p.returncode == 2 and "pass an empty or new folder" in p.stderr
+
+
+def test_ui_load_counts_the_chart_cards_in_a_real_browser(report_time: tuple, tmp_path: Path) -> None:
+    """ui_load.py on report_time's store: every section header read, the cards they announce."""
+    if not Path("/usr/bin/chromium").is_file():
+        pytest.skip("ui_load.py needs Debian's chromium (sudo apt-get install chromium)")
+    stdout, rows = run("ui_load.py", "--store", str(report_time[0]), "--iterations", "2000", "--timeout", "120",
+                       tmp_path=tmp_path)
+    assert "store: reusing" in stdout and len(rows) == 1
+    row = rows[0]
+    names = {name: int(n) for name, n in re.findall(r"([^;]+?) \((\d+)\)(?:; |$)", row["section_names"])}
+    assert {"final", "test", "train", "val", "z_probes/grad_norm"} <= set(names)
+    assert int(row["cards"]) == sum(names.values()) and names["test"] == 2  # test/error, test/loss
+    assert float(row["first_chart_s"]) > 0 and float(row["scroll_to_last_s"]) > 0
