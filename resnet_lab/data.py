@@ -20,8 +20,6 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision.transforms.v2 import functional as TF
 
 from resnet_lab.errors import UserError
 
@@ -227,6 +225,8 @@ def _locate(name: str, data_dir: str | Path | None, data_root: Path, download: b
 
     reason = "download disabled"
     if download:
+        import torchvision  # here, not at the top: importing it costs seconds of every command's start
+
         try:
             cls = torchvision.datasets.FashionMNIST if fashion else torchvision.datasets.CIFAR10
             cls(str(data_root), train=True, download=True)
@@ -308,6 +308,8 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 def _resize(split: Split, size: int) -> Split:
     """Resize once at load time (bilinear, antialiased, uint8 in and out), in chunks to bound memory."""
+    from torchvision.transforms.v2 import functional as TF  # here: importing torchvision costs seconds
+
     out = [TF.resize(chunk, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
            for chunk in split.images.split(4096)]
     return Split(torch.cat(out), split.labels)

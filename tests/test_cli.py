@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torchvision
 
 import resnet_lab.data as data_mod
 from resnet_lab.cli import main
@@ -78,7 +79,7 @@ def test_fashion_mnist_missing_offline_names_the_ways_to_get_it(tmp_path: Path, 
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data_mod.torchvision.datasets.FashionMNIST, "download", offline)
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
     db = tmp_path / "mlflow.db"
     code = main(["train", "--dataset", "fashion-mnist", "--model", "resnet-8", "--iterations", "10",
                  "--tracking-uri", f"sqlite:///{db}", "--set", f"data_root={tmp_path / 'data'}"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torchvision.transforms import functional as TVF
 
 from resnet_lab import data
@@ -416,14 +417,14 @@ def test_download_is_the_last_resort_and_its_failure_is_one_line(tmp_path: Path,
         calls.append(root)
         write_fashion(Path(root) / "FashionMNIST" / "raw", gz=True)
 
-    monkeypatch.setattr(data.torchvision.datasets, "FashionMNIST", fake_download)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_download)
     ds = load_dataset("fashion-mnist", data_root=tmp_path / "data")
     assert calls == [str(tmp_path / "data")] and "download" in ds.source and len(ds.train) == 300
 
     def offline(root: str, train: bool, download: bool) -> None:
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://x/, got:\nno network\n")
 
-    monkeypatch.setattr(data.torchvision.datasets, "FashionMNIST", offline)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     with pytest.raises(UserError, match="failed: RuntimeError: Error downloading .* no network") as err:
         load_dataset("fashion-mnist", data_root=tmp_path / "other")
     assert "\n" not in str(err.value)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from mlflow import MlflowClient
 
 from resnet_lab import study as study_mod
@@ -154,7 +155,7 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path: Path, monkeypatch: p
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data.torchvision.datasets.FashionMNIST, "download", offline)
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="run 'sudo apt-get install dataset-fashion-mnist'"):
         ensure_data(study)
