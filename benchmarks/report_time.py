@@ -91,7 +91,7 @@ def build_store(root: Path, iterations: int, layer_metrics: bool = False) -> str
                 points += [Metric(f"{split}/{kind}", err + 6 if kind == "error" else err / 25, ts, s)
                            for split in ("test", "val") for kind in ("error", "loss")]
                 points += [Metric(k, 1.0, ts, s) for k in point_keys]
-        points += [Metric(f"final/{split}_error", err + (6 if split != "train" else 0), len(steps), iterations)
+        points += [Metric(f"final/{split}_error", err + (6 if split != "train" else 0), len(steps), 0)
                    for split in ("train", "test", "val")]
         for j in range(0, len(points), 1000):
             client.log_batch(rid, metrics=points[j:j + 1000])

@@ -258,7 +258,9 @@ def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None)
             raise Interrupted(stop.signum, done)
     bar.close()
     final = final_errors(state.last)
-    tracker.log([(key, value, total) for key, value in final.items()])
+    # step 0: MLflow's chart view draws a key that never reaches step 1 as bars, one per run with its
+    # value written on it (how final errors are compared); at step = iterations it drew lone dots
+    tracker.log([(key, value, 0) for key, value in final.items()])
     _log_final_artifacts(tracker, state.model, cfg, state.probes)
     _describe_run(tracker, setup, final)
     return TrainResult(tracker.run_id, "FINISHED", total, state.last)
