@@ -66,7 +66,7 @@ report: setup
 
 # Prints the URL of the study's runs view once the MLflow server answers; Ctrl-C stops it.
 ui: setup
-	$(BIN)/resnet-lab ui $(STUDY) --port $(PORT)
+	@$(BIN)/resnet-lab ui $(STUDY) --port $(PORT)
 
 bench: setup
 	$(BIN)/python benchmarks/probe_overhead.py $(BENCH_ARGS) --csv benchmarks/results/probe_overhead.csv
