@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-
 from typing import TYPE_CHECKING
 
 from .errors import UserError
