@@ -64,10 +64,6 @@ def _iter_formatter(max_iter: float) -> FuncFormatter:
     return FuncFormatter(fmt)
 
 
-def _milestones(study: Study) -> list[int]:
-    return shared_milestones(study.runs)
-
-
 def _lr_decay(study: Study) -> float | None:
     try:
         return float(shared_param(study.runs, "lr_decay") or "nan")
@@ -219,7 +215,7 @@ def degradation(study: Study, out_dir: Path) -> FigureResult:
     c = study.curves[study.curves["metric"].isin(["train/error", "test/error"])]
     if c.empty:
         return _not_drawn(res, "no train/test error curves logged")
-    milestones = _milestones(study)
+    milestones = shared_milestones(study.runs)
     _save(draw_degradation(c, milestones=milestones, lr_decay=_lr_decay(study), notes=res.notes), out_dir, res, study)
     top = _degradation_top(c)
     parts = [f"Error (%) against iteration; dashed: training error (mean over each logging window), "
@@ -500,7 +496,7 @@ def grad_norms_over_training(study: Study, out_dir: Path) -> FigureResult:
     s = study.grad_norm_series
     if s.empty:
         return _not_drawn(res, "no gradient-norm probes in this study")
-    milestones = _milestones(study)
+    milestones = shared_milestones(study.runs)
     _save(draw_grad_norms_over_training(s, milestones=milestones, lr_decay=_lr_decay(study)), out_dir, res, study)
     counts = s.groupby("run_id")["n_iterations"].max()
     binning = ("each measured iteration" if counts.max() <= 1

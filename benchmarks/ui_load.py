@@ -44,6 +44,8 @@ from report_time import STUDY, build_store
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 START_TIMEOUT_S = 240
+# The scroll: wheel steps of WHEEL_PX, each followed by STEP_WAIT_MS; the end is STILL_STEPS steps that do not move.
+WHEEL_PX, STEP_WAIT_MS, STILL_STEPS = 800, 300, 3
 SECTION = re.compile(r"^(.*?\S)\s*\((\d+)\)")  # a section header's text: "test (2) Add chart"
 LONG_TASKS = """
 window.__long = [];
@@ -102,14 +104,14 @@ def scroll_to_end(page: Any, timeout_s: float) -> float:
     page.mouse.move(900, 700)  # over the charts
     t, still = time.perf_counter(), 0
     last = None
-    while still < 3 and time.perf_counter() - t < timeout_s:
-        page.mouse.wheel(0, 800)
-        page.wait_for_timeout(300)
+    while still < STILL_STEPS and time.perf_counter() - t < timeout_s:
+        page.mouse.wheel(0, WHEEL_PX)
+        page.wait_for_timeout(STEP_WAIT_MS)
         pos = page.evaluate(SCROLLER)
         still = still + 1 if pos == last else 0
         last = pos
     cards.last.locator(".main-svg").first.wait_for(state="attached", timeout=timeout_s * 1000)
-    return time.perf_counter() - t - 0.9  # less the three still steps' waits
+    return time.perf_counter() - t - STILL_STEPS * STEP_WAIT_MS / 1000  # less the steps that found the end
 
 
 def measure(browser: Any, label: str, study: str, uri: str, idle_s: float, timeout_s: float,
