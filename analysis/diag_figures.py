@@ -20,7 +20,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .figures import FigureResult, _not_drawn, _save
+from .figures import FigureResult, _not_drawn, _save, draw_figures
 from .runs import SWEEP, Study
 from .style import ARCH_COLOR, ARCH_LABEL, ARCH_MARKER, ARCHS, STYLE, arch_depth_colors, band, legend_handles
 
@@ -282,5 +282,5 @@ DIAG_FIGURES: dict[str, Callable[[Study, Path], FigureResult]] = {
 
 
 def make_diag_figures(study: Study, out_dir: Path) -> list[FigureResult]:
-    return [f(study, Path(out_dir)) for f in DIAG_FIGURES.values()]
+    return draw_figures(study, out_dir, DIAG_FIGURES)
 

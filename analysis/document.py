@@ -21,13 +21,12 @@ from typing import Any
 
 import pandas as pd
 
-from resnet_lab.config import NOT_TRAINING
-from resnet_lab.tracking import display_uri
+from resnet_lab.tracking import NOT_TRAINING, display_uri
 
 from .anchors import Anchor, anchor_for
-from .diag_figures import DIAG_FIGURES, make_diag_figures
+from .diag_figures import DIAG_FIGURES
 from .diag_findings import PUBLISHED, diagnostic_findings
-from .figures import FIGURES, FigureResult, make_figures, missing_pairs
+from .figures import FIGURES, FigureResult, draw_figures, missing_pairs
 from .findings import flow_ratios, pct, ratio_text, scale_banner, summarize
 from .runs import Study, aggregate, display_name, shared_param
 from .tables import write_tables
@@ -270,8 +269,10 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     fig_dir = out_dir / "figures"
-    figures = figures if figures is not None else make_figures(study, fig_dir)
-    diag_figures = make_diag_figures(study, fig_dir)
+    # the study's and the diagnostics' figures in one pool, so the workers share them out
+    drawn = {f.name: f for f in draw_figures(study, fig_dir, ({} if figures is not None else FIGURES) | DIAG_FIGURES)}
+    figures = figures if figures is not None else [drawn[n] for n in FIGURES]
+    diag_figures = [drawn[n] for n in DIAG_FIGURES]
     made = {f.name for f in figures + diag_figures if f.made}
     for name in (set(FIGURES) | set(DIAG_FIGURES)) - made:  # a figure this study cannot draw must not survive from an earlier report
         for ext in ("png", "pdf"):

@@ -18,7 +18,11 @@ darker for deeper nets.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -586,4 +590,42 @@ FIGURES: dict[str, Callable[[Study, Path], FigureResult]] = {
 def make_figures(study: Study, out_dir: Path, names: Sequence[str] | None = None) -> list[FigureResult]:
     """Draw the figures (all by default) into ``out_dir``; notes of left-out nets are deduplicated
     across figures only by the report, each result keeps its own."""
-    return [FIGURES[n](study, Path(out_dir)) for n in (names or FIGURES)]
+    return draw_figures(study, out_dir, {n: FIGURES[n] for n in (names or FIGURES)})
+
+
+Drawer = Callable[[Study, Path], FigureResult]
+_TASK: tuple[Study, Path, Mapping[str, Drawer]] | None = None  # what forked workers draw from
+
+
+def figure_jobs() -> int:
+    """Processes to draw figures in: the cores this process may use; 1 (in-process) where the
+    start method is not fork (macOS, Windows: a spawned worker would unpickle the whole study)."""
+    if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return len(os.sched_getaffinity(0))
+
+
+def draw_figures(study: Study, out_dir: Path, drawers: Mapping[str, Drawer],
+                 jobs: int | None = None) -> list[FigureResult]:
+    """Each drawer's figure, in the mapping's order. Matplotlib draws on one core and a report's
+    figures are independent, so with several cores each figure is drawn in a forked worker
+    process, which inherits the loaded study instead of receiving a copy (a 9-run full-scale
+    report's figures: docs/benchmarks.md). ``jobs``: processes (default :func:`figure_jobs`)."""
+    global _TASK
+    out_dir = Path(out_dir)
+    jobs = min(figure_jobs() if jobs is None else jobs, len(drawers))
+    if jobs <= 1:
+        return [draw(study, out_dir) for draw in drawers.values()]
+    _TASK = (study, out_dir, drawers)
+    try:
+        # fork: every worker starts here, before the pool's own thread, with _TASK set
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_draw_one, drawers))
+    finally:
+        _TASK = None
+
+
+def _draw_one(name: str) -> FigureResult:
+    assert _TASK is not None, "draw_figures sets the task before it forks"
+    study, out_dir, drawers = _TASK
+    return drawers[name](study, out_dir)

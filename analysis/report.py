@@ -89,12 +89,12 @@ def headline_metrics(runs: pd.DataFrame) -> dict[str, float]:
 
 def parent_note(rep: Report) -> str:
     """What ran (from the finished runs) and the report's summary sentences: the parent run's description."""
-    from resnet_lab.study import describe
+    from resnet_lab.tracking import describe_study
 
     runs, study = rep.study.runs, rep.study
     lengths = [f"{int(n)} iterations" for n in runs["total_iterations"].dropna()]
     datasets = ", ".join(sorted(runs["param_dataset"].dropna().unique()))
-    head = describe(study.name, study.scale, list(dict.fromkeys(runs["model"])), [int(s) for s in runs["seed"]],
+    head = describe_study(study.name, study.scale, list(dict.fromkeys(runs["model"])), [int(s) for s in runs["seed"]],
                     lengths or ["? iterations"], datasets or "?")
     return head + "\n\n" + "\n".join(f"- {s}" for s in rep.summary) + "\n\nThe report: artifacts report/report.html."
 

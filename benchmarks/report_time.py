@@ -125,9 +125,10 @@ def time_cli(uri: str, out: Path) -> float:
 
 
 def breakdown(uri: str, out: Path) -> list[tuple[str, float]]:
-    """Seconds per stage of one in-process report: load (and its parts), each figure, the documents, logging."""
+    """Seconds per stage of one in-process report: load (and its parts), each figure on its own, all of
+    them as the report draws them (``draw_figures``: one process per core), the documents, logging."""
     from analysis.document import build_report
-    from analysis.figures import FIGURES
+    from analysis.figures import FIGURES, draw_figures, figure_jobs
     from analysis.report import log_report
     from analysis.runs import load_study
 
@@ -139,6 +140,10 @@ def breakdown(uri: str, out: Path) -> list[tuple[str, float]]:
         t = time.perf_counter()
         figures.append(draw(study, out / "figures"))
         rows.append((f"figure {name}", time.perf_counter() - t))
+    jobs = min(figure_jobs(), len(FIGURES))
+    t = time.perf_counter()
+    draw_figures(study, out / "figures", FIGURES, jobs=jobs)
+    rows.append((f"figures: all {len(FIGURES)}, {jobs} process{'es' if jobs > 1 else ''}", time.perf_counter() - t))
     t = time.perf_counter()
     rep = build_report(study, out, figures=figures)
     rows.append(("report.md + report.html", time.perf_counter() - t))

@@ -22,6 +22,7 @@ from .data import DATASETS
 from .errors import UserError
 from .models import SHORTCUTS, canonical_name, parse_model_name
 from .speed import PRECISIONS, cxx_missing
+from .tracking import NOT_TRAINING
 
 
 @dataclass
@@ -184,10 +185,6 @@ def _check_compile(device: str) -> None:
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
-# Fields that say where things live, where runs are logged, how fast or how visibly a run goes:
-# not what is trained. Left out of config_hash and of the report's configuration table.
-NOT_TRAINING = ("data_dir", "data_root", "device", "compile", "tracking_uri", "experiment", "progress",
-                "checkpoint_dir", "checkpoint_every", "eval_batch_size", "log_layer_metrics")
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -28,7 +28,7 @@ from .data import check_sizes, load_dataset
 from .errors import UserError
 from .launch import Outcome, Reporter
 from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
-from .tracking import (RunTracker, absolute_uri, connect, display_uri, get_or_create_experiment,
+from .tracking import (RunTracker, absolute_uri, connect, describe_study, display_uri, get_or_create_experiment,
                        resolve_tracking_uri, search_all_runs)
 from .train import total_iterations
 
@@ -76,23 +76,12 @@ def _children_filter(study: Study) -> str:
     return f"tags.kind = 'train' and tags.study = '{study.name}' and tags.scale = '{study.scale}'"
 
 
-def describe(name: str, scale: str | None, nets: list[str], seeds: list[int], lengths: list[str],
-             dataset: str) -> str:
-    """One sentence on what a study ran, from its runs (not from the study file's prose, which
-    describes the full study also when the CPU scale ran): the parent run's description."""
-    its = " or ".join(dict.fromkeys(lengths))  # "500 iterations", or each length that occurs
-    seed_list = ", ".join(map(str, sorted(set(seeds))))
-    where = f", {scale} scale" if scale else ""
-    return (f"Depth study {name}{where}: {len(nets)} nets ({', '.join(nets)}) x {len(set(seeds))} "
-            f"seed{'s' if len(set(seeds)) > 1 else ''} ({seed_list}), {its} each, on {dataset}.")
-
-
 def _study_note(study: Study) -> str:
-    """``describe`` of the runs this scale trains; at full scale the study file's description follows."""
+    """``describe_study`` of the runs this scale trains; at full scale the study file's description follows."""
     nets = list(dict.fromkeys(r.cfg.model for r in study.runs))
     lengths = [f"{c.iterations} iterations" if c.iterations is not None else f"{c.epochs} epochs"
                for c in (r.cfg for r in study.runs)]
-    text = describe(study.name, study.scale, nets, [r.cfg.seed for r in study.runs], lengths,
+    text = describe_study(study.name, study.scale, nets, [r.cfg.seed for r in study.runs], lengths,
                     ", ".join(sorted({r.cfg.dataset for r in study.runs})))
     return text + (f"\n\n{study.description}" if study.description and study.scale == "full" else "")
 

@@ -37,6 +37,11 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Point = tuple[str, float, int]  # (metric name, value, step)
+# Logged params that say where things live, where runs are logged, how fast or how visibly a run
+# goes: not what is trained. Left out of TrainConfig.config_hash and of the report's configuration
+# table. Here rather than in config so that the report reads it without importing torch (~3 s).
+NOT_TRAINING = ("data_dir", "data_root", "device", "compile", "tracking_uri", "experiment", "progress",
+                "checkpoint_dir", "checkpoint_every", "eval_batch_size", "log_layer_metrics")
 
 
 # ---------------------------------------------------------------- tracking URIs (the one place they are parsed)
@@ -518,3 +523,15 @@ class RunTracker:
 
 def _param_value(value: Any) -> str:
     return "None" if value is None else str(value)
+
+
+def describe_study(name: str, scale: str | None, nets: list[str], seeds: list[int], lengths: list[str],
+                   dataset: str) -> str:
+    """One sentence on what a study ran, from its runs (not from the study file's prose, which
+    describes the full study also when the CPU scale ran): the parent run's description. Here, not
+    in study, so that the report writes it without importing torch."""
+    its = " or ".join(dict.fromkeys(lengths))  # "500 iterations", or each length that occurs
+    seed_list = ", ".join(map(str, sorted(set(seeds))))
+    where = f", {scale} scale" if scale else ""
+    return (f"Depth study {name}{where}: {len(nets)} nets ({', '.join(nets)}) x {len(set(seeds))} "
+            f"seed{'s' if len(set(seeds)) > 1 else ''} ({seed_list}), {its} each, on {dataset}.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 
 from analysis import findings
 from analysis.document import build_report
-from analysis.figures import FIGURES
+from analysis.figures import FIGURES, FigureResult, draw_figures
 from analysis.report import add_parser, study_name, write_report
 from analysis.runs import CURVE_KEYS, aggregate, load_study, reduce_grad_norms
 from resnet_lab.config import TrainConfig
@@ -162,6 +163,32 @@ def test_every_figure_is_written_as_png_and_pdf(report: Path) -> None:
 
     with Image.open(fig_dir / "degradation.png") as im:
         assert im.info["dpi"][0] >= 150
+
+
+def test_figures_drawn_in_forked_workers_equal_those_drawn_in_process(study, tmp_path: Path) -> None:
+    """Parallel drawing changes where a figure is drawn, never what: same results, same PNG bytes."""
+    names = ["degradation", "grad_flow", "layer_responses"]
+    drawers = {n: FIGURES[n] for n in names}
+    one = draw_figures(study, tmp_path / "one", drawers, jobs=1)
+    two = draw_figures(study, tmp_path / "two", drawers, jobs=2)
+    assert [f.name for f in two] == names and all(f.made for f in two)
+    for a, b in zip(one, two):
+        assert (a.title, a.caption, a.notes) == (b.title, b.caption, b.notes)
+        assert a.paths["png"].read_bytes() == b.paths["png"].read_bytes(), a.name
+
+    def where(_study, _out):
+        return FigureResult("where", "where", notes=[str(os.getpid())])
+
+    (drawn,) = draw_figures(study, tmp_path / "pid", {"where": where}, jobs=2)  # one figure: drawn in-process
+    assert drawn.notes == [str(os.getpid())]
+    pids = {f.notes[0] for f in draw_figures(study, tmp_path / "pid", {"a": where, "b": where}, jobs=2)}
+    assert str(os.getpid()) not in pids  # two: in worker processes
+
+    def broken(_study, _out):
+        raise ValueError("a figure that cannot be drawn")
+
+    with pytest.raises(ValueError, match="a figure that cannot be drawn"):  # a worker's error is the caller's
+        draw_figures(study, tmp_path / "err", {"degradation": FIGURES["degradation"], "broken": broken}, jobs=2)
 
 
 def test_report_table_equals_run_metrics(store: dict, report: Path) -> None:
@@ -412,7 +439,7 @@ def test_cli_no_runs_exits_2_with_one_line_and_writes_nothing(store: dict, tmp_p
 
 def test_cli_report_command(store: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("analysis.document.make_figures", lambda *_a: [])  # drawn and checked above; skip the time
+    monkeypatch.setattr("analysis.document.FIGURES", {})  # drawn and checked above; skip the time
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     toml = tmp_path / f"{STUDY}.toml"

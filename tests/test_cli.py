@@ -118,3 +118,12 @@ def test_building_the_command_line_imports_no_torch() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_report_imports_no_torch() -> None:
+    """``resnet-lab report`` reads MLflow and draws; torch would add ~3 s to every report."""
+    code = ("import sys; import analysis.document, analysis.report, analysis.runs; "
+            "from analysis.report import parent_note; from resnet_lab.tracking import describe_study; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -64,7 +64,7 @@ def test_more_seeds_jobs_resume_and_report(tmp_path: Path, tracking_uri: str, ca
     runs = _children(client)
     assert len(runs) == 7 and {r.data.tags["mlflow.parentRunId"] for r in runs} == parents
 
-    monkeypatch.setattr("analysis.document.make_figures", lambda *_a: [])  # figures with seeds: tests/test_stats.py
+    monkeypatch.setattr("analysis.document.FIGURES", {})  # figures with seeds: tests/test_stats.py
     md = write_report("seeds3", tracking_uri=tracking_uri, out_dir=tmp_path / "reports", log_to_mlflow=False)
     res = pd.read_csv(md.parent / "results.csv")
     assert sorted(zip(res["net"], res["seed"])) == [(n, s) for n in ("plain-8", "resnet-8") for s in (0, 1, 2)]
