@@ -95,7 +95,7 @@ def parent_note(rep: Report) -> str:
     lengths = [f"{int(n)} iterations" for n in runs["total_iterations"].dropna()]
     datasets = ", ".join(sorted(runs["param_dataset"].dropna().unique()))
     head = describe_study(study.name, study.scale, list(dict.fromkeys(runs["model"])), [int(s) for s in runs["seed"]],
-                    lengths or ["? iterations"], datasets or "?")
+                          lengths or ["? iterations"], datasets or "?")
     return head + "\n\n" + "\n".join(f"- {s}" for s in rep.summary) + "\n\nThe report: artifacts report/report.html."
 
 

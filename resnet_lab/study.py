@@ -82,7 +82,7 @@ def _study_note(study: Study) -> str:
     lengths = [f"{c.iterations} iterations" if c.iterations is not None else f"{c.epochs} epochs"
                for c in (r.cfg for r in study.runs)]
     text = describe_study(study.name, study.scale, nets, [r.cfg.seed for r in study.runs], lengths,
-                    ", ".join(sorted({r.cfg.dataset for r in study.runs})))
+                          ", ".join(sorted({r.cfg.dataset for r in study.runs})))
     return text + (f"\n\n{study.description}" if study.description and study.scale == "full" else "")
 
 
