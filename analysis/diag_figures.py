@@ -20,7 +20,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .figures import FigureResult, _not_drawn, _save, draw_figures
+from .figures import FigureResult, _not_drawn, _save
 from .runs import SWEEP, Study
 from .style import ARCH_COLOR, ARCH_LABEL, ARCH_MARKER, ARCHS, STYLE, arch_depth_colors, band, legend_handles
 
@@ -279,8 +279,3 @@ def shattering(study: Study, out_dir: Path) -> FigureResult:
 
 DIAG_FIGURES: dict[str, Callable[[Study, Path], FigureResult]] = {
     "lesion": lesion, "landscape": landscape, "curvature": curvature, "shattering": shattering}
-
-
-def make_diag_figures(study: Study, out_dir: Path) -> list[FigureResult]:
-    return draw_figures(study, out_dir, DIAG_FIGURES)
-

@@ -587,12 +587,6 @@ FIGURES: dict[str, Callable[[Study, Path], FigureResult]] = {
 }
 
 
-def make_figures(study: Study, out_dir: Path, names: Sequence[str] | None = None) -> list[FigureResult]:
-    """Draw the figures (all by default) into ``out_dir``; notes of left-out nets are deduplicated
-    across figures only by the report, each result keeps its own."""
-    return draw_figures(study, out_dir, {n: FIGURES[n] for n in (names or FIGURES)})
-
-
 Drawer = Callable[[Study, Path], FigureResult]
 _TASK: tuple[Study, Path, Mapping[str, Drawer]] | None = None  # what forked workers draw from
 
@@ -607,10 +601,12 @@ def figure_jobs() -> int:
 
 def draw_figures(study: Study, out_dir: Path, drawers: Mapping[str, Drawer],
                  jobs: int | None = None) -> list[FigureResult]:
-    """Each drawer's figure, in the mapping's order. Matplotlib draws on one core and a report's
-    figures are independent, so with several cores each figure is drawn in a forked worker
-    process, which inherits the loaded study instead of receiving a copy (a 9-run full-scale
-    report's figures: docs/benchmarks.md). ``jobs``: processes (default :func:`figure_jobs`)."""
+    """Each drawer's figure (e.g. ``FIGURES``), in the mapping's order; notes of left-out nets are
+    deduplicated across figures only by the report, each result keeps its own. Matplotlib draws
+    on one core and a report's figures are independent, so with several cores each figure is
+    drawn in a forked worker process, which inherits the loaded study instead of receiving a copy
+    (a 9-run full-scale report's figures: docs/benchmarks.md). ``jobs``: processes (default
+    :func:`figure_jobs`)."""
     global _TASK
     out_dir = Path(out_dir)
     jobs = min(figure_jobs() if jobs is None else jobs, len(drawers))
