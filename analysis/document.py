@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from resnet_lab.tracking import NOT_TRAINING, display_uri
+from resnet_lab.tracking import NOT_TRAINING, display_uri, is_server
 
 from .anchors import Anchor, anchor_for
 from .diag_figures import DIAG_FIGURES
@@ -173,7 +173,7 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 def _run_link(study: Study, run_id: str, text: str) -> str:
     uri = study.tracking_uri
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         return f"[{text}]({display_uri(uri).rstrip('/')}/#/experiments/{study.experiment_id}/runs/{run_id}?workflowType=machine_learning)"
     return text
 

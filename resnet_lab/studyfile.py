@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +44,10 @@ from .config import TrainConfig, apply
 from .diagnostics import settings as DIAG
 from .errors import UserError
 from .models import parse_model_name
+from .studyname import NAME_RE
 
 SCALES = ("cpu", "full")
 ARCHS = {"plain": "plain", "resnet": "resnet", "residual": "resnet"}  # study arch -> model name prefix
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 GRID_KEYS = ("archs", "depths", "models", "seeds")
 TOP_KEYS = ("name", "description", *GRID_KEYS, "train", "overrides", "diagnostics", "cpu")
 CPU_KEYS = ("description", *GRID_KEYS, "train", "overrides", "diagnostics")
