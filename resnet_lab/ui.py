@@ -49,9 +49,10 @@ PORTS = range(1, 65536)
 READY_TIMEOUT_S = 180.0  # a cold MLflow server imports for 10-40 s on a busy 2-core machine
 STOP_TIMEOUT_S = 10.0
 ACCESS_OK = re.compile(r'" [23]\d\d ')  # uvicorn's access-log line of a request that succeeded: not echoed
-HINT = ('the browser remembers the "Model training" / "GenAI" toggle: without ?' + RUNS_VIEW +
-        ", MLflow may open an experiment on its GenAI overview; the URL lists the training runs "
-        "(clear the search box for the study's parent run and its report; Ctrl-C stops the server)")
+HINT = ("MLflow 3.17's UI picks \"Model training\" or \"GenAI\" per browser, not per experiment: this URL opens "
+        "the training runs grouped by net, but a run's page opens in GenAI mode until this browser has once "
+        "clicked GenAI, then Model training, in the sidebar (it remembers that). Clear the search box for the "
+        "study's parent run and its report; Ctrl-C stops the server")
 
 
 def runs_url(base: str, experiment_id: str | None) -> str:
@@ -109,9 +110,9 @@ def section_rank(section: str) -> tuple[int, str]:
 def net_colors(models: Iterable[str]) -> dict[str, str]:
     """A colour per net, the same for its seeds: plain nets in reds and oranges, residual nets in
     blues and greens, deeper nets darker, so that plain-n and ResNet-n never share a colour."""
-    out = {}
+    out, models = {}, set(models)
     for arch, palette in (("plain", PLAIN_COLORS), ("resnet", RESNET_COLORS)):
-        nets = sorted({m for m in models if m.startswith(f"{arch}-")}, key=_depth_of)
+        nets = sorted((m for m in models if m.startswith(f"{arch}-")), key=_depth_of)
         for i, net in enumerate(nets):
             spread = i * (len(palette) - 1) // max(len(nets) - 1, 1)  # few nets: far apart in the palette
             out[net] = palette[spread] if len(nets) <= len(palette) else palette[i % len(palette)]
