@@ -1,12 +1,14 @@
-"""``resnet-lab ui``: the MLflow UI on a study's store, opened on the study's runs.
+"""``resnet-lab ui``: the MLflow UI on a study's store, opened on the study's runs, read by net.
 
 Why not plain ``mlflow ui``: since MLflow 3 an experiment opens on a GenAI "traces" overview
 (every panel "No data") unless this browser once picked the "Model training" toggle; the URL
-parameter ``workflowType=machine_learning`` opens the runs view directly. This command checks
-the store and the study first (so a typo starts no server and creates no empty store), stores
-the study's view (its training runs with their final errors as columns: MLflow's shared view
-state, one experiment tag), starts MLflow's own server, waits until it answers and prints that
-URL as its first line.
+parameter ``workflowType=machine_learning`` opens the runs view directly. (MLflow 3.17's UI
+chooses that mode per browser; the experiment tag ``mlflow.experimentKind``, which the lab sets,
+is read only where MLflow's per-experiment switch is on, so a new browser shows a run's page in
+GenAI mode: the printed hint says how to make the browser remember.) This command checks the
+store and the study first (so a typo starts no server and creates no empty store), stores the
+study's view (``study_view``: MLflow's shared view state, one experiment tag), starts MLflow's own
+server, waits until it answers and prints that URL as its first line.
 """
 
 from __future__ import annotations
