@@ -41,7 +41,7 @@ from tqdm import tqdm
 from ..data import Dataset, load_dataset
 from ..errors import UserError
 from ..models import ResNet, build_model
-from ..tracking import (absolute_uri, connect, no_download_bars, require_store, resolve_tracking_uri,
+from ..tracking import (absolute_uri, connect, no_download_bars, readable, require_store, resolve_tracking_uri,
                         search_all_runs)
 from . import settings as S
 from .common import BN_IMAGES, CURVATURE_IMAGES, LANDSCAPE_IMAGES, LESION_IMAGES, SHATTERING_IMAGES, subset
@@ -197,7 +197,7 @@ def log_diagnostic(client: Any, run_id: str, name: str, table: pd.DataFrame, met
         table.to_parquet(path, index=False)
         client.log_artifact(run_id, str(path), "diagnostics")
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+    client.log_batch(run_id, metrics=[Metric(k, readable(float(v)), now, 0) for k, v in metrics.items()],
                      tags=[RunTag(tag_key(name), settings_hash)], synchronous=True)
 
 
