@@ -38,6 +38,8 @@ import os
 import statistics
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,12 +57,16 @@ from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, parse_model_name
 from resnet_lab.probes import Probes
 from resnet_lab.speed import CompiledStep, Speed, native_bf16, plan, step_model
+from resnet_lab.studyfile import Study, load_scales
 
 BATCH = 128
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 MODELS = ["resnet-20", "resnet-56", "resnet-110", "plain-56"]
-STUDY = [f"{arch}-{d}" for arch in ("plain", "resnet") for d in (20, 32, 44, 56, 110)]  # cifar10_paper
-STUDY_ITERATIONS = 64_000
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+# Published training-set sizes and image sides, for runs given in epochs and for scaling a step's time
+# from the CIFAR-shaped 32x32 batches measured here (a conv net's work grows with the pixels).
+TRAIN_IMAGES = {"cifar10": 50_000, "fashion-mnist": 60_000, "synthetic": 2048}
+IMAGE_SIDE = {"cifar10": 32, "fashion-mnist": 28, "synthetic": 28}
 DEFAULTS = {  # CPU: a whole run stays within ~5 min on 2 idle cores
     "cpu": dict(windows=3, steps=3, warmup=2, images=50_000, ref_workers=[0, 2]),
     "cuda": dict(windows=10, steps=50, warmup=30, images=50_000, ref_workers=[2, min(8, os.cpu_count() or 2)]),
@@ -196,24 +202,80 @@ def bench_model(name: str, device: torch.device, split: Split, *, windows: int, 
     return rows
 
 
-def study_hours(rates: dict[str, float]) -> tuple[float, list[str]]:
-    """Hours for the 10 cifar10_paper nets x 64k steps, one after another, from img/s per model.
+def shipped_studies() -> list[Study]:
+    """The full scale of every study in experiments/ (what ``make depth-study`` runs on a GPU)."""
+    return [load_scales(path)["full"] for path in sorted(EXPERIMENTS.glob("*.toml"))]
 
-    Unmeasured depths: seconds/step from a least-squares line in depth through the measured
-    models (both families: the shortcut add is cheap), or proportional to depth from a single
-    depth. Training steps only (evaluation adds about 1-2 %).
+
+def run_steps(cfg: TrainConfig) -> int:
+    """A run's training steps: ``iterations``, or epochs x full batches of its training set."""
+    if cfg.epochs is None:
+        return cfg.iterations
+    images = (cfg.train_size or TRAIN_IMAGES[cfg.dataset] - cfg.val_size)
+    return cfg.epochs * (images // cfg.batch_size)
+
+
+def step_scale(cfg: TrainConfig) -> float:
+    """A run's step time over a measured 32x32, batch-128 step: batch and pixels (resize included)."""
+    side = cfg.resize or IMAGE_SIDE[cfg.dataset]
+    return cfg.batch_size / BATCH * side * side / (32 * 32)
+
+
+@dataclass
+class Projection:
+    study: str
+    runs: int  # the study's runs at full scale (nets x seeds)
+    projected: int  # runs whose model family was measured
+    hours: float  # those runs' training steps, one after another
+    scaled: list[str]  # models whose step time comes from the depth line, not a measurement
+    missing: list[str]  # models of a family not measured at all: left out of ``hours``
+
+
+def project(rates: dict[str, float], study: Study) -> Projection:
+    """Hours for every run of ``study``, one after another, from measured img/s per model (batch 128, 32x32).
+
+    Unmeasured depths: seconds/step from a least-squares line in depth through the measured models
+    of the same family (both archs: the shortcut add is cheap), or proportional to depth from a single
+    depth; then scaled by the run's batch and image size (``step_scale``). Training steps only
+    (evaluation adds about 1-2 %).
     """
     sec = {m: BATCH / r for m, r in rates.items()}
-    depths = np.array([parse_model_name(m).depth for m in sec], dtype=float)
-    times = np.array(list(sec.values()))
-    if len(set(depths)) >= 2:
-        slope, intercept = np.polyfit(depths, times, 1)
-        estimate = lambda d: intercept + slope * d  # noqa: E731
-    else:
-        estimate = lambda d: times.mean() * d / depths.mean()  # noqa: E731
-    scaled = [m for m in STUDY if m not in sec]
-    total = sum(sec.get(m, estimate(parse_model_name(m).depth)) for m in STUDY) * STUDY_ITERATIONS
-    return total / 3600, scaled
+    by_family: dict[str, dict[int, list[float]]] = {}
+    for m, t in sec.items():
+        spec = parse_model_name(m)
+        by_family.setdefault(spec.family, {}).setdefault(spec.depth, []).append(t)
+
+    def estimate(family: str, depth: int) -> float:
+        depths = np.array(sorted(by_family[family]), dtype=float)
+        times = np.array([np.mean(by_family[family][int(d)]) for d in depths])
+        if len(depths) >= 2:
+            slope, intercept = np.polyfit(depths, times, 1)
+            return float(intercept + slope * depth)
+        return float(times.mean() * depth / depths.mean())
+
+    total, scaled, missing, projected = 0.0, [], [], 0
+    for run in study.runs:
+        spec = parse_model_name(run.cfg.model)
+        if spec.name in sec:
+            t = sec[spec.name]
+        elif spec.depth in by_family.get(spec.family, {}):  # the other arch at this depth: the same convs
+            t = float(np.mean(by_family[spec.family][spec.depth]))
+        elif spec.family in by_family:
+            t = estimate(spec.family, spec.depth)
+            scaled.append(spec.name)
+        else:
+            missing.append(spec.name)
+            continue
+        total += t * step_scale(run.cfg) * run_steps(run.cfg)
+        projected += 1
+    return Projection(study.name, len(study.runs), projected, total / 3600, sorted(set(scaled)), sorted(set(missing)))
+
+
+def projection_line(kind: str, where: str, p: Projection) -> str:
+    note = f"; depth-scaled (not measured): {', '.join(p.scaled)}" if p.scaled else ""
+    note += f"; not projected (family not measured): {', '.join(p.missing)}" if p.missing else ""
+    return (f"projection, {kind} on {where}: {p.study} study ({p.projected} of {p.runs} runs, full scale, one after "
+            f"another, training steps only) = {fmt_hours(p.hours)}{note}")
 
 
 def bf16_capability(device: torch.device) -> str:
@@ -306,11 +368,9 @@ def main() -> None:
         labs = dict.fromkeys(r["loop"] for r in dev_rows if r["workers"] is None)
         kinds += [(lab, lambda r, lab=lab: r["loop"] == lab) for lab in labs]
         for kind, pick in kinds:
-            hours, scaled = study_hours({r["model"]: r["images_per_s"] for r in dev_rows if pick(r)})
-            note = f"; depth-scaled (not measured): {', '.join(scaled)}" if scaled else ""
-            print(f"projection, {kind} on {device_name(dev)}: cifar10_paper study (10 nets x "
-                  f"{STUDY_ITERATIONS} iterations, batch {BATCH}, one after another, training steps only) "
-                  f"= {fmt_hours(hours)}{note}")
+            for study in shipped_studies():
+                print(projection_line(kind, device_name(dev),
+                                      project({r["model"]: r["images_per_s"] for r in dev_rows if pick(r)}, study)))
         rows += [r | {"device_name": device_name(dev), "torch": torch.__version__} for r in dev_rows]
     print(f"\n{load()} at end")
     if args.csv:
