@@ -56,6 +56,7 @@ from resnet_lab.data import DeviceLoader, Split
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, parse_model_name
 from resnet_lab.probes import Probes
+from resnet_lab import speed as speed_mod
 from resnet_lab.speed import CompiledStep, Speed, native_bf16, plan, step_model
 from resnet_lab.studyfile import Study, load_scales
 
@@ -129,7 +130,8 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 def variant_label(speed: Speed) -> str:
     layout = speed.tags()["memory_format"]
-    return f"lab {speed.precision} {layout}" + (" compiled" if speed.compile else "")
+    mode = "" if speed.compile_mode == "default" else f" {speed.compile_mode}"
+    return f"lab {speed.precision} {layout}" + (f" compiled{mode}" if speed.compile else "")
 
 
 class LabLoop:
@@ -140,7 +142,7 @@ class LabLoop:
         self.model = build_model(name).to(device, memory_format=speed.memory_format).train()
         self.step_model = step_model(self.model, speed)
         c = self.cfg
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        self.opt = speed.sgd(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         loader = DeviceLoader(split, batch_size=BATCH, device=device, mean=CIFAR_MEAN, std=CIFAR_STD,
                               train=True, augment=c.augment, seed=c.seed)
         self.batches = loader.batches()
@@ -163,10 +165,11 @@ def synthetic_split(n: int) -> Split:
                  torch.randint(0, 10, (n,), generator=g))
 
 
-def variants(device: torch.device, precisions: list[str], formats: list[str], compile_step: bool) -> list[Speed]:
-    """Every precision x layout (x compile) asked for, on ``device``."""
-    return [Speed(device.type, p, FORMATS[f], c) for c in ([False, True] if compile_step else [False])
-            for p in precisions for f in formats]
+def variants(device: torch.device, precisions: list[str], formats: list[str], compile_modes: list[str],
+             eager: bool = True) -> list[Speed]:
+    """Every precision x layout asked for, eager and compiled in each of ``compile_modes``, on ``device``."""
+    runs = ([(False, "default")] if eager else []) + [(True, m) for m in compile_modes]
+    return [Speed(device.type, p, FORMATS[f], c, m) for c, m in runs for p in precisions for f in formats]
 
 
 def bench_model(name: str, device: torch.device, split: Split, *, windows: int, steps: int, warmup: int,
@@ -192,7 +195,11 @@ def bench_model(name: str, device: torch.device, split: Split, *, windows: int, 
     for loop in loops:
         rs = rates[loop.label]
         ratios = [a / b for a, b in zip(rs, rates[best.label])]
+        sp = loop.speed if isinstance(loop, LabLoop) else None
+        compiled = sp is not None and isinstance(loop.step_model, CompiledStep) and loop.step_model.compiled
         rows.append({"model": name, "device": device.type, "loop": loop.label, "workers": loop.workers,
+                     "precision": sp.precision if sp else "fp32", "compiled": compiled,
+                     "compile_mode": sp.compile_mode if sp and sp.compile else "",
                      "first_step_s": first_step[loop.label],
                      "images_per_s": median(rs), "min": min(rs), "max": max(rs), "windows": windows,
                      "steps": steps, "ratio_to_reference": median(ratios),
@@ -304,6 +311,12 @@ def main() -> None:
     p.add_argument("--images", type=int, help="synthetic training images (default 50000)")
     p.add_argument("--compile", action="store_true",
                    help="also time each lab variant with its model torch.compile'd for the step (--set compile=true)")
+    p.add_argument("--compile-modes", nargs="+", choices=["default", "reduce-overhead"],
+                   help="with --compile: the torch.compile modes to time (default: default; reduce-overhead = CUDA "
+                        "graphs over the step, --set compile_mode=reduce-overhead)")
+    p.add_argument("--compiled-only", action="store_true", help="with --compile: leave out the eager lab variants")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default inductor; 'eager' traces without compiling: a plumbing check)")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                    help="lab precisions to time (default both; bf16 is emulated, so slow, without native bf16)")
     p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
@@ -326,6 +339,7 @@ def main() -> None:
     models = ["resnet-20"] if args.quick and args.models == MODELS else args.models
     set_threads(args.threads, p)
     torch.backends.cudnn.benchmark = True
+    speed_mod.COMPILE_BACKEND = args.compile_backend
 
     print(header(devices))
     for dev in devices:
@@ -342,7 +356,8 @@ def main() -> None:
         split = synthetic_split(opt["images"])
         print(f"\n{dev.type}: {opt['images']} images, warm-up {opt['warmup']} steps, {opt['windows']} windows x "
               f"{opt['steps']} steps per loop, reference workers {opt['ref_workers']}")
-        speeds = variants(dev, args.precisions, args.formats, args.compile)
+        modes = (args.compile_modes or ["default"]) if args.compile else []
+        speeds = variants(dev, args.precisions, args.formats, modes, eager=not (args.compile and args.compiled_only))
         auto = variant_label(plan(dev, "auto", None, TrainConfig().iterations))
         print(f"auto (resnet_lab.speed.plan, a default {TrainConfig().iterations}-iteration run): {auto}")
         print("\n| model | device | reference img/s (workers) | loop | img/s | lab/ref | q1-q3 | first step s |"
