@@ -142,7 +142,8 @@ def projections(rows: list[dict[str, str]]) -> list[str]:
         cells = []
         for s in studies:
             p = throughput.project(rates, s)
-            cells.append(throughput.fmt_hours(p.hours) + ("" if not p.missing else f" ({p.projected} runs)"))
+            cells.append("family not measured" if not p.projected else
+                         throughput.fmt_hours(p.hours) + ("" if not p.missing else f" ({p.projected} runs)"))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
 
