@@ -237,7 +237,8 @@ def test_a_checkpoint_stays_the_same_size_over_a_run_its_rows_go_beside_it(
     assert train(cfg).status == "FINISHED"
     ckpt, rows = zip(*sizes)
     assert len(sizes) == 4  # at 20, 40, 60, 80 (none at the end: the finished run deletes it)
-    row_bytes = rows[0] // 20  # 20 steps' rows: an iteration (8 bytes), then 20 weight norms, their total, 19 BN norms and theirs (4 bytes each)
+    # a row: its iteration (8 bytes), then 20 weight norms, their total, 19 BN norms and theirs (4 bytes each)
+    row_bytes = rows[0] // 20
     assert row_bytes == 8 + 4 * (20 + 1 + 19 + 1) and [r // row_bytes for r in rows] == [20, 40, 60, 80]
     assert max(ckpt) - min(ckpt) < 128 < row_bytes * 20  # flat: a few bytes of counters, not 20 rows more each
 
