@@ -271,7 +271,7 @@ def _start(setup: Setup) -> tuple[TrainState, nn.Module | CompiledStep, dict[str
     model = setup.model.to(device, memory_format=setup.speed.memory_format).train()
     step_model = make_step_model(model, setup.speed)  # the step only: probes and eval stay eager
     optimizer = setup.speed.sgd(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)  # fused where the device has it: same numbers
+                                weight_decay=cfg.weight_decay)  # fused on CUDA, the exact loop on CPU
     loader = DeviceLoader(data.train, batch_size=cfg.batch_size, device=device, mean=data.mean, std=data.std,
                           train=True, augment=cfg.augment, seed=cfg.seed)
     eval_loaders = {name: DeviceLoader(split, batch_size=cfg.eval_batch_size, device=device, mean=data.mean,
