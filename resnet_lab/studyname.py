@@ -12,7 +12,10 @@ from pathlib import Path
 
 from .errors import UserError
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # it names an MLflow experiment and a folder
+# An MLflow experiment's name (a study's name is its experiment; checkpoints live in a folder of it):
+# the one rule for both (config.check_experiment_name), so an empty, blank or path-like name is
+# refused before anything is written. Here, not in config, so that ui and report read it without torch.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def study_name(arg: str) -> str:
