@@ -354,13 +354,17 @@ FIELD_HELP = {
     "device": "auto (CUDA if there is one, else CPU), cpu, cuda or cuda:N",
     "precision": "auto (bf16 autocast where the device computes bf16 natively: CUDA, AMX or AVX512-BF16 CPUs), "
                  "fp32 or bf16",
-    "compile": "torch.compile the training step: auto (on CPU for runs of at least 1,000 iterations), true or false",
+    "compile": "torch.compile the training step: auto (the rule in resnet_lab.speed: on CPU, runs of at least "
+               "1,000 iterations), true or false",
+    "compile_mode": "torch.compile's mode when compiling: default, reduce-overhead (CUDA graphs over the step) or "
+                    "auto (reduce-overhead on CUDA, default elsewhere)",
     "tracking_uri": "MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
     "experiment": "MLflow experiment the run goes to",
     "run_name": "MLflow run name; unset: <model>-s<seed>",
     "progress": "show a progress bar",
 }
-CHOICES = {"compile": "auto|true|false", "precision": "auto|fp32|bf16", "device": "auto|cpu|cuda|cuda:N"}
+CHOICES = {"compile": "auto|true|false", "compile_mode": "|".join(COMPILE_MODES), "precision": "auto|fp32|bf16",
+           "device": "auto|cpu|cuda|cuda:N"}
 
 
 def field_help() -> str:
