@@ -45,8 +45,8 @@ from .config import TrainConfig, apply
 from .diagnostics import settings as DIAG
 from .errors import UserError
 from .models import parse_model_name
+from .scales import SCALES
 
-SCALES = ("cpu", "full")
 ARCHS = {"plain": "plain", "resnet": "resnet", "residual": "resnet"}  # study arch -> model name prefix
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 GRID_KEYS = ("archs", "depths", "models", "seeds")
