@@ -341,8 +341,8 @@ def departures(runs: pd.DataFrame, recipe: Recipe = PAPER) -> list[str]:
                               ("weight_decay", "Weight decay", recipe.weight_decay),
                               ("lr_decay", "lr drop factor", recipe.lr_decay)):
         v = num(name)
-        if v is not None and not math.isclose(v, paper):
-            out.append(f"{word} {fmt(v)}, not {fmt(paper)}.")
+        if v is not None and not math.isclose(v, paper):  # settings as configured, not as measured numbers
+            out.append(f"{word} {v:g}, not {paper:g}.")
     drops = shared_milestones(runs)
     if its and drops and [d / its for d in drops] != [m / recipe.iterations for m in recipe.milestones]:
         at = lambda ms, n: " and ".join(f"{m:,} ({100 * m / n:.0f} %)" for m in ms)  # noqa: E731

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from analysis import findings
 from analysis.document import build_report
 from analysis.figures import FIGURES, FigureResult, draw_figures
+from analysis.numbers import fmt, pm
 from analysis.report import add_parser, study_name, write_report
 from analysis.runs import CURVE_KEYS, aggregate, load_study, reduce_grad_norms
 from resnet_lab.config import TrainConfig
@@ -198,10 +199,10 @@ def test_report_table_equals_run_metrics(store: dict, report: Path) -> None:
         assert rid[:8] in text and rid in text  # short id in the results table, full id in the runs table
     m = {s: client.get_run(store["runs"][("resnet-8", s)]).data.metrics for s in (0, 1)}
     te = [m[s]["test/error"] for s in (0, 1)]
-    assert f"{np.mean(te):.2f} ± {np.std(te, ddof=1):.2f}" in text
+    assert pm(np.mean(te), np.std(te, ddof=1), 2) in text
     plain14 = client.get_run(store["runs"][("plain-14", 0)]).data.metrics
     row = next(line for line in text.splitlines() if line.startswith("| plain-14 |"))
-    assert f"| {plain14['train/error']:.2f} | {plain14['test/error']:.2f} |" in row
+    assert f"| {fmt(plain14['train/error'])} | {fmt(plain14['test/error'])} |" in row
     html = (report.parent / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(FIGURES) and "src=\"figures/" not in html
 
@@ -236,8 +237,9 @@ def test_summary_is_computed_from_the_numbers(study, tmp_path: Path) -> None:
     word = "worse" if a > b else "better"
     rep = build_report(study, tmp_path / "r1", figures=[])
     # plain-14 and plain-8 share one seed: the difference, worded as one seed (issue 13)
-    assert any(s.startswith(f"plain-14 trains {word} than plain-8 by {abs(a - b):.2f} points (one seed, no interval; "
-                            f"training error {a:.2f} % vs {b:.2f} %)") for s in rep.summary)
+    ab, ba = f"{fmt(a, like=[b])} % vs {fmt(b, like=[a])} %", f"{fmt(b, like=[a])} % vs {fmt(a, like=[b])} %"
+    assert any(s.startswith(f"plain-14 trains {word} than plain-8 by {fmt(abs(a - b))} points (one seed, no interval; "
+                            f"training error {ab})") for s in rep.summary)
     # flip the ordering in the loaded runs: the sentence must flip with it
     runs = study.runs.copy()
     i14, i8 = runs.index[runs["model"] == "plain-14"][0], runs.index[runs["model"] == "plain-8"][0]
@@ -245,9 +247,9 @@ def test_summary_is_computed_from_the_numbers(study, tmp_path: Path) -> None:
     flipped = dataclasses.replace(study, runs=runs)
     rep2 = build_report(flipped, tmp_path / "r2", figures=[])
     other = "better" if word == "worse" else "worse"
-    assert any(s.startswith(f"plain-14 trains {other} than plain-8 by {abs(a - b):.2f} points (one seed, no interval; "
-                            f"training error {b:.2f} % vs {a:.2f} %)") for s in rep2.summary)
-    assert f"{b:.2f} % vs {a:.2f} %" in rep2.markdown.read_text()
+    assert any(s.startswith(f"plain-14 trains {other} than plain-8 by {fmt(abs(a - b))} points (one seed, no interval; "
+                            f"training error {ba})") for s in rep2.summary)
+    assert ba in rep2.markdown.read_text()
 
 
 def _runs(rows: list[tuple[str, int, float, float]]) -> pd.DataFrame:
@@ -303,19 +305,62 @@ def test_curve_degradation_counts_the_seeds_where_it_holds_after_the_first_drop(
     assert findings.curve_degradation(runs.assign(param_milestones=None), held) == []
 
 
-def test_cpu_banner_says_whether_the_deeper_resnet_trains_better() -> None:
-    # ResNet-56 minus ResNet-20, seed by seed: +5.0 and +5.2 points, a clear difference with 2 seeds
-    runs = _runs([("resnet-20", 0, 20, 21), ("resnet-56", 0, 25, 26), ("resnet-20", 1, 21, 22), ("resnet-56", 1, 26.2, 28)])
-    runs = runs.assign(param_iterations="300", param_batch_size="32", param_train_size="10000", param_test_size="1000")
+def _fig6_runs(deep_plain: list[float]) -> pd.DataFrame:
+    """plain/ResNet 8 and 32, three seeds, the default CPU scale's params; plain-32's training errors given."""
+    rows = []
+    for seed in range(3):
+        rows += [("plain-8", seed, 10.0 + seed, 12.0), ("resnet-8", seed, 10.5 + seed, 12.0),
+                 ("resnet-32", seed, 9.0 + seed, 11.0), ("plain-32", seed, deep_plain[seed], 20.0)]
+    return _runs(rows).assign(param_dataset="fashion-mnist", param_iterations="350", param_batch_size="32",
+                              param_train_size="10000", param_test_size="1000", param_val_size="0", param_lr="0.05",
+                              param_momentum="0.9", param_weight_decay="0.0001", param_lr_decay="0.1",
+                              param_milestones="[260, 310]", param_augment="True", shortcut="A")
+
+
+def test_cpu_banner_lists_every_departure_and_says_what_the_summary_says() -> None:
+    runs = _fig6_runs([20.0, 22.0, 23.0])  # plain-32 above plain-8 and ResNet-32 in every seed
     assert findings.scale_banner(runs, "full") is None
-    text = findings.scale_banner(runs, "cpu")
-    assert "300 iterations at batch 32 (1.0 passes over a 10,000-image training subset)" in text
-    assert "1,000-image subset of the test set" in text
-    assert "ResNet-56 trains worse than ResNet-20 (25.60 % vs 20.50 %" in text and "--scale full" in text
-    close = runs.assign(train_error=[20, 25, 21, 20])  # +5 and -1 points: the interval holds 0
-    assert "ResNet-56 and ResNet-20 show no clear difference (22.50 % vs 20.50 %" in findings.scale_banner(close, "cpu")
-    flipped = runs.assign(train_error=[30, 20, 31.5, 21])  # -10 and -10.5 points: a clear difference
-    assert "ResNet-56 already trains better than ResNet-20" in findings.scale_banner(flipped, "cpu")
+    banner = findings.scale_banner(runs, "cpu")
+    assert banner.departures == [
+        "Data: Fashion-MNIST (1×28×28), not CIFAR-10 (3×32×32).",
+        "Training set: a fixed 10,000-image subset, not 45,000 images.",
+        "Validation split: none, not 5,000 images held out of training.",
+        "Test error on a fixed 1,000-image subset of the test set (the same images for every run), not all 10,000 images.",
+        "Length: 350 iterations (1.12 passes over the training set), not 64,000 (about 182 passes).",
+        "Batch size 32, not 128.",
+        "Learning rate 0.05, not 0.1.",
+        "lr drops at iterations 260 (74 %) and 310 (89 %), not at 32,000 (50 %) and 48,000 (75 %) of training.",
+        "Depths 8 and 32, not 20, 32, 44, 56 and 110."]
+    assert "in 9 ways" in banner.intro
+    assert banner.verdict == "All 3 of He et al. Fig. 6's training facts hold in these runs."
+    assert banner.verdict in findings.summarize(runs, pd.DataFrame(), pd.DataFrame())
+    # plain-32 no longer clearly above ResNet-32 (seed 1 below it): the banner names the failing fact, as the
+    # summary does, and gives no advice the summary contradicts (issue 24, item 8)
+    mixed = _fig6_runs([20.0, 9.5, 23.0])
+    banner = findings.scale_banner(mixed, "cpu")
+    summary = findings.summarize(mixed, pd.DataFrame(), pd.DataFrame())
+    assert banner.verdict.startswith("Of He et al. Fig. 6's training facts, does not hold: degradation, shortcut")
+    assert banner.verdict in summary
+    shortcut = next(s for s in summary if s.startswith("He et al. Fig. 6 in every seed (shortcut)"))
+    assert "is above ResNet-32's in 2 of 3 seeds" in shortcut and "not above in seed 1" in shortcut
+    assert "compare plain and residual at the same depth" not in " ".join([banner.intro, *banner.departures,
+                                                                           banner.verdict])
+
+
+def test_fig6_checks_say_per_seed_which_fact_fails() -> None:
+    holds = findings.fig6_checks(_fig6_runs([20.0, 22.0, 23.0]))
+    assert [c.name for c in holds] == ["degradation", "shortcut", "deep ResNet"] and all(c.holds for c in holds)
+    deg = holds[0].sentence
+    assert deg.startswith("plain-32's final training error is above plain-8's in 3 of 3 seeds (seed 0: 20.0 % vs "
+                          "10.0 %; seed 1: 22.0 % vs 11.0 %; seed 2: 23.0 % vs 12.0 %); difference +10.7 points (95 % CI ")
+    assert deg.endswith(": holds.")
+    assert holds[2].sentence.startswith("ResNet-32's final training error is at most about ResNet-8's")
+    # a deep ResNet clearly worse than the shallow one: the third fact fails, and says so
+    worse = _fig6_runs([20.0, 22.0, 23.0])
+    worse.loc[worse["model"] == "resnet-32", "train_error"] = [15.0, 16.2, 17.1]
+    (*_, deep_res) = findings.fig6_checks(worse)
+    assert deep_res.holds is False and deep_res.sentence.endswith("does not hold, it is clearly above.")
+    assert findings.fig6_checks(_runs([("plain-8", 0, 1.0, 1.0), ("resnet-8", 0, 1.0, 1.0)])) == []
 
 
 def test_one_seed_is_said_once_not_in_every_sentence() -> None:
@@ -347,11 +392,11 @@ def test_gradient_flow_finding_flips() -> None:
         return pd.DataFrame(rows)
 
     (s,) = findings.gradient_flow_findings(findings.flow_ratios(flow(30.0, 2.0)))
-    assert "it grows 30× in plain-56 and grows 2× in ResNet-56" in s
+    assert "it grows 30.0× in plain-56 and grows 2.00× in ResNet-56" in s
     assert s.endswith("closer to 1 (the gradient reaches the input more evenly) in ResNet-56 at init and at the end "
                       "of training.")
     (s,) = findings.gradient_flow_findings(findings.flow_ratios(flow(1.5, 0.1)))
-    assert "grows 1.5× in plain-56 and shrinks to 0.1× in ResNet-56" in s
+    assert "grows 1.50× in plain-56 and shrinks to 0.100× in ResNet-56" in s
     assert s.endswith("in plain-56 at init and at the end of training.")
 
     def flow_moving(init: tuple[float, float], end: tuple[float, float]) -> pd.DataFrame:
@@ -377,9 +422,9 @@ def test_weight_gradient_finding_follows_the_ratio() -> None:
         return pd.DataFrame(rows)
 
     (s,) = findings.weight_grad_findings(findings.weight_grad_ratios(series(0.5)))
-    assert "is 0.5× in plain-20 and 0.8× in ResNet-20" in s and "does not vanish" in s
+    assert "is 0.500× in plain-20 and 0.800× in ResNet-20" in s and "does not vanish" in s
     (s,) = findings.weight_grad_findings(findings.weight_grad_ratios(series(0.01)))
-    assert "is 0.01× in plain-20" in s and "weight gradients do shrink towards the input" in s
+    assert "is 0.0100× in plain-20" in s and "weight gradients do shrink towards the input" in s
 
 
 def test_partial_study_still_draws_figures_with_a_note(study, tmp_path: Path) -> None:
