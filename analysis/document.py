@@ -29,7 +29,7 @@ from .anchors import Anchor, anchor_for
 from .diag_figures import DIAG_FIGURES
 from .diag_findings import PUBLISHED, diagnostic_findings
 from .figures import FIGURES, FigureResult, draw_figures, missing_pairs
-from .findings import flow_ratios, not_at_plateau, plateau_label, ratio_text, scale_banner, summarize
+from .findings import PLATEAU_HEAD, flow_ratios, not_at_plateau, plateau_label, ratio_text, scale_banner, summarize
 from .numbers import fmt, pm
 from .runs import Study, aggregate, display_name, shared_param
 from .tables import write_tables
@@ -177,7 +177,7 @@ def ui_base(uri: str) -> str | None:
     store (SQLite, a folder) the address `resnet-lab ui` serves it on; None for other stores."""
     if uri.startswith(("http://", "https://")):
         return display_uri(uri).rstrip("/")
-    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+    if uri.startswith(("sqlite:", "file:")) or ("://" not in uri and not uri.startswith("databricks")):
         return UI_ADDRESS
     return None
 
@@ -224,11 +224,12 @@ def annotate(sentences: list[str], study: Study) -> list[str]:
     pattern = _net_pattern(list(by_name))
     if pattern is None:
         return sentences
-    short = {display_name(m): plateau_label(seeds) for m, seeds in not_at_plateau(runs).items()}
+    missed = {display_name(m): plateau_label(seeds) for m, seeds in not_at_plateau(runs).items()}
     out = []
     for s in sentences:
         named = list(dict.fromkeys(pattern.findall(s)))
         seen: set[str] = set()
+        short = {} if s.startswith(PLATEAU_HEAD) else missed  # that sentence says it seed by seed itself
 
         def label(m: re.Match[str]) -> str:
             name = m.group(1)

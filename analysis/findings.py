@@ -243,17 +243,19 @@ def fig6_checks(runs: pd.DataFrame) -> list[Check]:
     return [c for c in checks if c is not None]
 
 
-def fig6_verdict(checks: list[Check]) -> str | None:
+def fig6_verdict(runs: pd.DataFrame) -> str | None:
     """One sentence: do all of Fig. 6's training facts hold here, and if not, which do not."""
-    if not checks:
+    checks, nets = fig6_checks(runs), fig6_nets(runs)
+    if not checks or nets is None:
         return None
+    names = _and([display_name(m) for m in (nets[1], nets[0], nets[3], nets[2])])
     if all(c.holds for c in checks):
-        return f"All {len(checks)} of He et al. Fig. 6's training facts hold in these runs."
+        return f"All {len(checks)} of He et al. Fig. 6's training facts hold for {names} in these runs."
     failed = [c.name for c in checks if c.holds is False]
     unknown = [c.name for c in checks if c.holds is None]
     parts = ([f"does not hold: {', '.join(failed)}"] if failed else []) + (
         [f"cannot be told (one seed): {', '.join(unknown)}"] if unknown else [])
-    return f"Of He et al. Fig. 6's training facts, {'; '.join(parts)} (see the Summary)."
+    return f"Of He et al. Fig. 6's training facts for {names}, {'; '.join(parts)} (see the Summary)."
 
 
 def fig6_findings(runs: pd.DataFrame) -> list[str]:
@@ -262,9 +264,11 @@ def fig6_findings(runs: pd.DataFrame) -> list[str]:
     if not checks:
         return []
     head = "He et al. Fig. 6 in every seed"
-    return [f"{head} ({c.name}): {c.sentence}" for c in checks] + [fig6_verdict(checks)]  # type: ignore[list-item]
+    return [f"{head} ({c.name}): {c.sentence}" for c in checks] + [fig6_verdict(runs)]  # type: ignore[list-item]
 
 
+PLATEAU_HEAD = ("Plateau (the criterion of `resnet_lab/plateau.py` on the training loss of a fixed, unaugmented "
+                "training subset, logged as `final/plateau`)")  # the sentence that says, per net and seed, whether
 PLATEAU_COLUMN = "plateau"  # runs column of the ``final/plateau`` metric: 1 reached, 0 not, NaN not measured
 
 
@@ -284,8 +288,7 @@ def plateau_label(seeds: list[int]) -> str:
 def plateau_findings(runs: pd.DataFrame) -> list[str]:
     """Per net and seed, whether the run reached its plateau (``resnet_lab.plateau``, logged by
     training as ``final/plateau``)."""
-    what = ("Plateau (the criterion of `resnet_lab/plateau.py` on the training loss of a fixed, unaugmented "
-            "training subset, logged as `final/plateau`)")
+    what = PLATEAU_HEAD
     if PLATEAU_COLUMN not in runs:  # a frame not loaded from a store
         return []
     if runs[PLATEAU_COLUMN].isna().all():
@@ -388,7 +391,7 @@ def scale_banner(runs: pd.DataFrame, scale: str | None) -> Banner | None:
     found = departures(runs)
     intro = ("CPU scale: a reduced study for a machine without CUDA"
              + (f"; it departs from {PAPER.source}'s recipe in {len(found)} ways:" if found else "."))
-    return Banner(intro, found, fig6_verdict(fig6_checks(runs)))
+    return Banner(intro, found, fig6_verdict(runs))
 
 
 def _depth_reading(arch: str, word: str) -> str:

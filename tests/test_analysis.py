@@ -332,14 +332,16 @@ def test_cpu_banner_lists_every_departure_and_says_what_the_summary_says() -> No
         "lr drops at iterations 260 (74 %) and 310 (89 %), not at 32,000 (50 %) and 48,000 (75 %) of training.",
         "Depths 8 and 32, not 20, 32, 44, 56 and 110."]
     assert "in 9 ways" in banner.intro
-    assert banner.verdict == "All 3 of He et al. Fig. 6's training facts hold in these runs."
+    assert banner.verdict == ("All 3 of He et al. Fig. 6's training facts hold for plain-8, plain-32, ResNet-8 and "
+                              "ResNet-32 in these runs.")
     assert banner.verdict in findings.summarize(runs, pd.DataFrame(), pd.DataFrame())
     # plain-32 no longer clearly above ResNet-32 (seed 1 below it): the banner names the failing fact, as the
     # summary does, and gives no advice the summary contradicts (issue 24, item 8)
     mixed = _fig6_runs([20.0, 9.5, 23.0])
     banner = findings.scale_banner(mixed, "cpu")
     summary = findings.summarize(mixed, pd.DataFrame(), pd.DataFrame())
-    assert banner.verdict.startswith("Of He et al. Fig. 6's training facts, does not hold: degradation, shortcut")
+    assert banner.verdict.startswith("Of He et al. Fig. 6's training facts for plain-8, plain-32, ResNet-8 and "
+                                     "ResNet-32, does not hold: degradation, shortcut")
     assert banner.verdict in summary
     shortcut = next(s for s in summary if s.startswith("He et al. Fig. 6 in every seed (shortcut)"))
     assert "is above ResNet-32's in 2 of 3 seeds" in shortcut and "not above in seed 1" in shortcut
@@ -501,3 +503,147 @@ def test_cli_report_command(store: dict, tmp_path: Path, capsys: pytest.CaptureF
     assert study_name(str(named)) == "cifar10_paper"  # the file's name key, as the study runner uses it
     with pytest.raises(UserError, match="not found"):
         study_name(str(tmp_path / "missing.toml"))
+
+
+# --------------------------------------------------------------------------- issue 24/25/27: links, plateau, errors
+
+
+def _fake_study(runs: pd.DataFrame, uri: str = "sqlite:////tmp/none/mlflow.db", **kw) -> "Study":
+    from analysis.runs import Study
+
+    empty = pd.DataFrame()
+    return Study(name="fake", tracking_uri=uri, experiment_id="7", parent=None, runs=runs, curves=empty,
+                 grad_norms=empty, grad_norm_series=empty, grad_flow=empty, responses=empty, **kw)
+
+
+def test_every_sentence_links_to_its_runs_and_names_a_net_off_its_plateau() -> None:
+    from analysis.document import annotate, ui_base
+
+    runs = _fig6_runs([20.0, 22.0, 23.0]).assign(plateau=1.0)
+    runs.loc[(runs["model"] == "plain-32") & runs["seed"].isin([1, 2]), "plateau"] = 0.0
+    study = _fake_study(runs)
+    assert ui_base("sqlite:////tmp/x/mlflow.db") == "http://127.0.0.1:5000"  # a local store: `resnet-lab ui`'s address
+    assert ui_base("http://user:pw@host:5001/") == "http://host:5001" and ui_base("databricks") is None
+    summary = findings.summarize(runs, pd.DataFrame(), pd.DataFrame())
+    linked = annotate(summary, study)
+    for s in linked:  # every sentence names nets, so every one links to their runs
+        assert " runs](http://127.0.0.1:5000/#/compare-runs?runs=%5B%22" in s and s.endswith("%5D))."), s
+    deg = next(s for s in linked if "(degradation)" in s)
+    ids = runs.loc[runs["model"].isin(["plain-32", "plain-8"]), "run_id"]
+    assert "the 6 runs" in deg and all(f"%22{rid}%22" in deg for rid in ids)
+    # plain-32 did not reach its plateau in seeds 1 and 2: said at its first mention in every sentence using it
+    for s in linked[1:]:  # (the plateau sentence itself says it seed by seed)
+        if "plain-32" in s:
+            assert "plain-32 (not at its plateau in seeds 1, 2)" in s and s.count("not at its plateau") == 1, s
+    (plateau,) = findings.plateau_findings(runs)
+    assert plateau.endswith("reached in 10 of 12 runs (plain-8 reached in seeds 0, 1, 2; ResNet-8 reached in seeds "
+                            "0, 1, 2; ResNet-32 reached in seeds 0, 1, 2; plain-32 reached in seed 0, not reached in "
+                            "seeds 1, 2).")
+    # a store the UI cannot show: sentences stay as they are, no dead links
+    assert annotate(summary, _fake_study(runs, uri="databricks")) == summary[:1] + [
+        s.replace("plain-32", "plain-32 (not at its plateau in seeds 1, 2)", 1) if "plain-32" in s else s
+        for s in summary[1:]]
+
+
+def test_results_csv_columns_say_why_a_cell_is_empty() -> None:
+    from analysis.tables import results_frame, summary_frame
+
+    runs = _runs([("plain-8", 0, 10.0, 12.0), ("plain-8", 1, 11.0, 12.5), ("resnet-8", 0, 9.0, 11.0)]).assign(
+        val_error=math.nan, duration_s=[61.234, 75.0, 59.9], plateau=[1.0, 0.0, math.nan], scale="cpu",
+        shortcut=["none", "none", "A"], diag_lesion_x=[1.5, math.nan, math.nan])
+    lesion = pd.DataFrame({"run_id": ["r0"], "x": [1.0]})
+    study = _fake_study(runs, diagnostics={"lesion": lesion, "landscape": lesion, "curvature": lesion,
+                                           "shattering": lesion})
+    res = results_frame(study)
+    assert "val_error" not in res  # empty in every row
+    assert list(res["minutes"]) == [1.02, 1.25, 1.0]
+    assert list(res["plateau"][:2]) == ["reached", "not reached"] and res["plateau"][2].startswith("not measured (")
+    assert list(res["diagnosed"]) == [
+        "lesion, landscape, curvature, shattering",
+        "no: the study diagnoses only some seeds of each net (its diagnostics 'seeds' setting)",
+        "no: not run (run 'resnet-lab diagnose STUDY_FILE')"]
+    assert res["diag_lesion_x"].isna().tolist() == [False, True, True]
+    summary = summary_frame(study).set_index("net")
+    assert summary.loc["plain-8", "plateau_reached"] == "1 of 2" and summary.loc["resnet-8", "plateau_reached"] == "not measured"
+    assert "train_error_sd" in summary  # plain-8 has two seeds
+    assert "diag_lesion_x_sd" not in summary and "diag_lesion_x_mean" in summary  # one value per net: no sd column
+    assert not summary.isna().all().any()
+
+
+def test_draw_degradation_marks_the_lr_drops_by_itself(study) -> None:
+    from matplotlib.lines import Line2D
+
+    from analysis.figures import draw_degradation, lr_drops
+
+    def drops(fig) -> set[float]:
+        return {ln.get_xdata()[0] for ln in fig.axes[0].get_lines()
+                if isinstance(ln, Line2D) and ln.get_linestyle() == ":" and len(set(ln.get_xdata())) == 1}
+
+    its = 20
+    default = [int(its * 0.5), int(its * 0.75)]  # the runs' milestones: 50 % and 75 % of the run
+    c = study.curves[study.curves["depth"] == 8]
+    assert lr_drops(c) == (default, 0.1)  # the schedule rides along with the frame
+    assert drops(draw_degradation(c)) == set(default)
+    bare = c.copy()
+    bare.attrs = {}  # a frame without the attached schedule: read off its lr curve (logged every 10 iterations)
+    assert lr_drops(bare)[0] == [20]
+    assert drops(draw_degradation(bare, milestones=[])) == set()
+
+
+def test_diagnostics_drawers_import_from_analysis_figures() -> None:
+    from analysis import diag_figures
+    from analysis.figures import draw_curvature, draw_landscape, draw_lesion, draw_shattering
+
+    assert (draw_lesion, draw_landscape, draw_curvature, draw_shattering) == (
+        diag_figures.draw_lesion, diag_figures.draw_landscape, diag_figures.draw_curvature, diag_figures.draw_shattering)
+
+
+def test_a_damaged_probe_file_names_the_run_and_the_report_is_written(store: dict, study, tmp_path: Path) -> None:
+    """Issue 25, 4.1: grad_norms.parquet cut to half its size costs that run's gradient-norm figures, not the report."""
+    rid = store["runs"][("plain-14", 0)]
+    art = Path(MlflowClient(store["uri"]).get_run(rid).info.artifact_uri.removeprefix("file://")) / "probes"
+    path = art / "grad_norms.parquet"
+    whole = path.read_bytes()
+    try:
+        path.write_bytes(whole[: len(whole) // 2])
+        md = write_report(STUDY, tracking_uri=store["uri"], out_dir=tmp_path, log_to_mlflow=False)
+        text = md.read_text()
+        assert f"could not read probes/grad_norms.parquet of run plain-14-s0 ({rid[:8]})" in text
+        assert (md.parent / "report.html").is_file() and (md.parent / "figures" / "degradation.png").is_file()
+        again = load_study(STUDY, store["uri"])
+        assert rid not in set(again.grad_norms["run_id"]) and rid in set(again.grad_flow["run_id"])
+    finally:
+        path.write_bytes(whole)
+
+
+def test_report_scale_unknown_or_without_runs_is_one_line(store: dict, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25, 4.3: `--scale gpu` is refused as `diagnose` refuses it; `--scale full` on a store with only
+    CPU-scale runs says which scales the store holds. From Python, the message names the argument."""
+    from resnet_lab.cli import main
+
+    out = tmp_path / "o"
+    assert main(["report", STUDY, "--tracking-uri", store["uri"], "--out", str(out), "--scale", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == "resnet-lab: error: --scale must be cpu or full, got 'gpu'\n"
+    assert main(["report", STUDY, "--tracking-uri", store["uri"], "--out", str(out), "--scale", "full"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"resnet-lab: error: no full-scale training runs in experiment '{STUDY}'") and \
+        err.count("\n") == 1
+    assert "it holds cpu-scale runs (5): pass --scale cpu, or run the study at full scale first" in err
+    assert not out.exists()
+    with pytest.raises(UserError, match=r"^`scale` must be cpu or full, got 'gpu'$"):
+        write_report(STUDY, tracking_uri=store["uri"], out_dir=out, scale="gpu")
+    with pytest.raises(UserError, match="pass `tracking_uri`") as e:
+        load_study(STUDY, f"sqlite:///{tmp_path / 'none.db'}")
+    assert "--tracking-uri" not in str(e.value)
+
+
+def test_report_header_names_the_ui_address_and_the_parent_links_the_report(store: dict, report: Path) -> None:
+    text = report.read_text()
+    assert "Links to runs open the MLflow UI at http://127.0.0.1:5000" in text
+    rid = store["runs"][("plain-8", 0)]
+    assert f"[plain-8-s0](http://127.0.0.1:5000/#/experiments/" in text and f"/runs/{rid}?workflowType" in text
+    note = MlflowClient(store["uri"]).get_run(store["parent"]).data.tags["mlflow.note.content"]
+    assert note.endswith(f"/runs/{store['parent']}/artifacts/report/report.html).")
+    assert "](http://127.0.0.1:5000/#/compare-runs?runs=" in note  # the summary sentences, linked
