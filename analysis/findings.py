@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from resnet_lab import plateau
+
 from .anchors import DATASETS, PAPER, Anchor, Recipe
 from .runs import display_name, shared_milestones, shared_param
 from .numbers import fmt
@@ -267,8 +269,9 @@ def fig6_findings(runs: pd.DataFrame) -> list[str]:
     return [f"{head} ({c.name}): {c.sentence}" for c in checks] + [fig6_verdict(runs)]  # type: ignore[list-item]
 
 
-PLATEAU_HEAD = ("Plateau (the criterion of `resnet_lab/plateau.py` on the training loss of a fixed, unaugmented "
-                "training subset, logged as `final/plateau`)")  # the sentence that says, per net and seed, whether
+PLATEAU_HEAD = (f"Plateau (`resnet_lab/plateau.py`: the training loss on a fixed, unaugmented training subset, "
+                f"`{plateau.HISTORY_KEY}`, falls by less than {100 * plateau.TOLERANCE:g} % over the last "
+                f"{100 * plateau.WINDOW:g} % of iterations)")  # the sentence that says, per net and seed, whether
 PLATEAU_COLUMN = "plateau"  # runs column of the ``final/plateau`` metric: 1 reached, 0 not, NaN not measured
 
 
@@ -292,7 +295,7 @@ def plateau_findings(runs: pd.DataFrame) -> list[str]:
     if PLATEAU_COLUMN not in runs:  # a frame not loaded from a store
         return []
     if runs[PLATEAU_COLUMN].isna().all():
-        return [f"{what}: not measured, these runs logged no `final/plateau` (trained before the lab measured it), "
+        return [f"{what}: not measured, these runs logged no `{plateau.FINAL_KEY}` (trained before the lab measured it), "
                 "so no sentence here says whether a net had finished training."]
     parts = []
     for model, g in runs.groupby("model", sort=False):

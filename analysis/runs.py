@@ -38,14 +38,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from resnet_lab import plateau
 from resnet_lab.errors import UserError
 from resnet_lab.scales import SCALES
 from resnet_lab.tracking import connect, display_uri, is_sqlite, no_download_bars, resolve_tracking_uri, search_all_runs, sqlite_path
 
 CURVE_KEYS = ("train/error", "test/error", "val/error", "train/loss", "test/loss", "val/loss", "lr",
-              "train_fixed/loss")  # the last: loss on a fixed unaugmented training subset (the plateau's curve)
+              plateau.HISTORY_KEY)  # the last: loss on a fixed unaugmented training subset (the plateau's curve)
 FINAL_KEYS = (*CURVE_KEYS, "perf/images_per_s")
-PLATEAU_KEY = "final/plateau"  # 1.0: the run reached its plateau (resnet_lab.plateau), 0.0: not; absent: not measured
+PLATEAU_KEY = plateau.FINAL_KEY  # 1.0: the run reached its plateau (resnet_lab.plateau), 0.0: not; absent: not measured
 ERROR_COLUMNS = ("train_error", "test_error", "val_error")
 METRIC_COLUMNS = ("train_error", "test_error", "val_error", "train_loss", "test_loss", "val_loss")
 ID_COLUMNS = ["run_id", "model", "arch", "depth", "seed"]

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from resnet_lab import plateau
+
 from .anchors import Anchor
 from .numbers import fmt, pm
 from .findings import PLATEAU_COLUMN
@@ -33,7 +35,7 @@ def plateau_text(value: float) -> str:
         return "reached"
     if value == 0:
         return "not reached"
-    return "not measured (the run logged no final/plateau: trained before the lab measured it)"
+    return f"not measured (the run logged no {plateau.FINAL_KEY}: trained before the lab measured it)"
 
 
 def diagnosed_text(study: Study) -> pd.Series:
@@ -71,12 +73,12 @@ def results_frame(study: Study) -> pd.DataFrame:
     its = r["total_iterations"].astype("Int64") if "total_iterations" in r else pd.Series(pd.NA, index=r.index)
     if "param_iterations" in r:  # a run without the tag: the configured length
         its = its.fillna(pd.to_numeric(r["param_iterations"], errors="coerce").astype("Int64"))
-    plateau = r[PLATEAU_COLUMN] if PLATEAU_COLUMN in r else pd.Series(math.nan, index=r.index)
+    reached = r[PLATEAU_COLUMN] if PLATEAU_COLUMN in r else pd.Series(math.nan, index=r.index)
     out = pd.DataFrame({
         "study": study.name, "scale": r["scale"], "net": r["model"], "arch": r["arch"], "depth": r["depth"],
         "shortcut": r["shortcut"] if "shortcut" in r else None, "seed": r["seed"],
         **{c: r[c] if c in r else math.nan for c in ERROR_NUMBERS},
-        "plateau": plateau.map(plateau_text), "iterations": its,
+        "plateau": reached.map(plateau_text), "iterations": its,
         "minutes": (r["duration_s"] / 60).round(2) if "duration_s" in r else math.nan, "run_id": r["run_id"],
         "diagnosed": diagnosed_text(study),
     })

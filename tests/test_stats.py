@@ -260,7 +260,8 @@ def test_results_csv_equals_the_runs_metrics(store: dict, report: Path) -> None:
             (m["train/error"], m["test/error"], m["diag/example_ratio"])
         assert row.iterations == 20 and row.shortcut == run.data.tags["shortcut"]
         assert row.minutes == round((run.info.end_time - run.info.start_time) / 60000, 2)
-        assert row.plateau.startswith("not measured") and row.diagnosed.startswith("no: not run")
+        assert row.plateau == {1.0: "reached", 0.0: "not reached"}[m["final/plateau"]]
+        assert row.diagnosed == "no: not run (run 'resnet-lab diagnose STUDY_FILE')"
     summary = pd.read_csv(report.parent / "summary.csv").set_index("net")
     for model in NETS:
         vals = res.loc[res["net"] == model, "test_error"]
