@@ -330,3 +330,35 @@ def test_report_sentences_use_the_paired_interval(study, report: Path) -> None:
     text = report.read_text()
     assert p.diff.n == 3 and findings.interval_text(p.diff, flip=p.diff.clear and p.diff.mean < 0) in text
     assert "At depth 8, plain-8 " in text and "Every net was trained with one seed" not in text
+
+
+def test_every_diagnostic_sentence_carries_the_seed_paired_interval() -> None:
+    """Issue 27: with every seed diagnosed, the curvature's growth with depth and the shattering's fall
+    carry a 3-seed interval of plain minus ResNet, paired by seed, and the verdict reads that interval."""
+    from analysis import diag_findings
+    from analysis.runs import SWEEP, Study
+
+    rows = []
+    for seed in SEEDS:
+        for model, lam in (("plain-8", 10.0), ("plain-32", 40.0 + 5 * seed), ("resnet-8", 10.0), ("resnet-32", 12.0)):
+            rows.append((model, seed, 1.0, 1.0, lam))
+    runs = _runs([r[:4] for r in rows]).assign(diag_curvature_lambda_max=[r[4] for r in rows])
+    out = diag_findings.curvature_findings(runs)
+    growth = out[-1]
+    # plain growth per seed 4.0, 4.5, 5.0; ResNet 1.2 each: differences 2.8, 3.3, 3.8
+    half = T_975[2] * np.std([2.8, 3.3, 3.8], ddof=1) / math.sqrt(3)
+    assert (f"growth ratio, plain minus ResNet seed by seed: +3.30 (95 % CI {3.3 - half:.2f} to {3.3 + half:.2f}, "
+            "3 seeds): consistent with") in growth
+    assert all("95 % CI" in s for s in out)  # the per-depth lambda_max sentences too
+    sweep = pd.DataFrame([{"arch": arch, "depth": d, "seed": seed, "lag": 1,
+                           "rho": 0.9 - (0.02 if arch == "residual" else 0.2 + 0.05 * seed) * (d > 8)}
+                          for arch in ("plain", "residual") for d in (8, 32) for seed in SEEDS])
+    empty = pd.DataFrame()
+    study = Study(name="s", tracking_uri="sqlite:///x.db", experiment_id="1", parent=None, runs=runs, curves=empty,
+                  grad_norms=empty, grad_norm_series=empty, grad_flow=empty, responses=empty,
+                  diagnostics={SWEEP: sweep})
+    (s,) = diag_findings.shattering_findings(study)
+    # falls per seed: plain 0.20, 0.25, 0.30; ResNet 0.02: differences 0.18, 0.23, 0.28
+    half = T_975[2] * np.std([0.18, 0.23, 0.28], ddof=1) / math.sqrt(3)
+    assert f"fall, plain minus ResNet seed by seed: +0.230 (95 % CI {0.23 - half:.3f} to {0.23 + half:.3f}, 3 seeds)" in s
+    assert s.endswith(f"consistent with {diag_findings.PUBLISHED['shattering']}.")
