@@ -210,10 +210,16 @@ def _run_link(study: Study, run_id: str, text: str) -> str:
     return f"[{text}]({url})" if url else text
 
 
+def _net_link(study: Study, model: str) -> str:
+    """A net's name linking to its runs (MLflow's compare view), where the store has a UI."""
+    url = runs_url(study, list(study.runs.loc[study.runs["model"] == model, "run_id"]))
+    return f"[{display_name(model)}]({url})" if url else display_name(model)
+
+
 def _net_pattern(models: list[str]) -> re.Pattern[str] | None:
     """Finds a net's display name as a whole word (plain-8, not the start of plain-80)."""
     names = sorted({display_name(m) for m in models}, key=len, reverse=True)
-    return re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])") if names else None
+    return re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])('s)?") if names else None
 
 
 def annotate(sentences: list[str], study: Study) -> list[str]:
@@ -224,20 +230,21 @@ def annotate(sentences: list[str], study: Study) -> list[str]:
     pattern = _net_pattern(list(by_name))
     if pattern is None:
         return sentences
-    missed = {display_name(m): plateau_label(seeds) for m, seeds in not_at_plateau(runs).items()}
+    n_seeds = runs.groupby("model")["run_id"].nunique()
+    missed = {display_name(m): plateau_label(seeds, int(n_seeds[m])) for m, seeds in not_at_plateau(runs).items()}
     out = []
     for s in sentences:
-        named = list(dict.fromkeys(pattern.findall(s)))
+        named = list(dict.fromkeys(m.group(1) for m in pattern.finditer(s)))
         seen: set[str] = set()
         short = {} if s.startswith(PLATEAU_HEAD) else missed  # that sentence says it seed by seed itself
 
         def label(m: re.Match[str]) -> str:
-            name = m.group(1)
+            name, owner = m.group(1), m.group(2) or ""
             if name in short and name not in seen:
                 seen.add(name)
-                return f"{name} {short[name]}"
+                return f"{name}{owner} {short[name]}"  # plain-32's (not at its plateau) training error
             seen.add(name)
-            return name
+            return name + owner
 
         s = pattern.sub(label, s)
         ids = [rid for name in named for rid in by_name[name]["run_id"]]
@@ -269,7 +276,7 @@ def results_table(study: Study, agg: pd.DataFrame, anchor: Anchor | None) -> tup
     missed = not_at_plateau(study.runs)
     rows = []
     for r in agg.itertuples():
-        name = display_name(r.model) + (f" {plateau_label(missed[r.model])}" if r.model in missed else "")
+        name = display_name(r.model) + (f" {plateau_label(missed[r.model], r.n_seeds)}" if r.model in missed else "")
         row = [name, str(r.n_seeds),
                pm(r.train_error_mean, r.train_error_std, r.train_error_n),
                pm(r.test_error_mean, r.test_error_std, r.test_error_n)]
@@ -281,7 +288,8 @@ def results_table(study: Study, agg: pd.DataFrame, anchor: Anchor | None) -> tup
             row.append(fmt(anchor.test_error[r.model]) if r.model in anchor.test_error else "–")
         if plateau is not None:
             v = plateau.get_group(r.model)
-            row.append("not measured" if v.isna().all() else f"{int((v == 1).sum())} of {int(v.notna().sum())} seeds")
+            n = int(v.notna().sum())
+            row.append("not measured" if v.isna().all() else f"{int((v == 1).sum())} of {n} seed{'s' if n > 1 else ''}")
         row.append(", ".join(f"{_run_link(study, rid, name)} (`{rid[:8]}`)" for name, rid in zip(r.run_names, r.run_ids)))
         rows.append(row)
     return header, rows, align
@@ -415,7 +423,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
         piv = piv.sort_values(["arch", "depth"])
         cols = [c for c in ("init", "end") if c in piv]
         doc.table(["net", *[f"ratio at {c}" for c in cols]],
-                  [[display_name(r["model"]), *[ratio_text(float(r[c])) for c in cols]] for _, r in piv.iterrows()],
+                  [[_net_link(study, r["model"]), *[ratio_text(float(r[c])) for c in cols]] for _, r in piv.iterrows()],
                   "l" + "r" * len(cols))
     doc.h(2, "Figures")
     made = [f for f in figures if f.made]

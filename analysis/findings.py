@@ -283,8 +283,11 @@ def not_at_plateau(runs: pd.DataFrame) -> dict[str, list[int]]:
     return {m: sorted(int(s) for s in g["seed"]) for m, g in miss.groupby("model", sort=False)}
 
 
-def plateau_label(seeds: list[int]) -> str:
-    """'(not at its plateau in seeds 1, 2)': what follows a net's name wherever it is used."""
+def plateau_label(seeds: list[int], of: int | None = None) -> str:
+    """'(not at its plateau in seeds 1, 2)', or '(not at its plateau)' when that is every one of its
+    ``of`` seeds: what follows a net's name wherever it is used."""
+    if of is not None and len(seeds) >= of:
+        return "(not at its plateau)"
     return f"(not at its plateau in seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
 
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -234,9 +235,7 @@ def test_report_gives_the_parent_run_headline_numbers_and_a_description(store: d
 
 def _unlabelled(sentence: str) -> str:
     """A summary sentence without the plateau labels the report adds to nets that did not reach it."""
-    import re
-
-    return re.sub(r" \(not at its plateau in seeds? [\d, ]+\)", "", sentence)
+    return re.sub(r" \(not at its plateau( in seeds? [\d, ]+)?\)", "", sentence)
 
 
 def test_summary_is_computed_from_the_numbers(study, tmp_path: Path) -> None:
@@ -544,15 +543,14 @@ def test_every_sentence_links_to_its_runs_and_names_a_net_off_its_plateau() -> N
     # plain-32 did not reach its plateau in seeds 1 and 2: said at its first mention in every sentence using it
     for s in linked[1:]:  # (the plateau sentence itself says it seed by seed)
         if "plain-32" in s:
-            assert "plain-32 (not at its plateau in seeds 1, 2)" in s and s.count("not at its plateau") == 1, s
+            assert re.search(r"plain-32('s)? \(not at its plateau in seeds 1, 2\)", s) and s.count("not at its plateau") == 1, s
     (plateau,) = findings.plateau_findings(runs)
     assert plateau.endswith("reached in 10 of 12 runs (plain-8 reached in seeds 0, 1, 2; ResNet-8 reached in seeds "
                             "0, 1, 2; ResNet-32 reached in seeds 0, 1, 2; plain-32 reached in seed 0, not reached in "
                             "seeds 1, 2).")
     # a store the UI cannot show: sentences stay as they are, no dead links
-    assert annotate(summary, _fake_study(runs, uri="databricks")) == summary[:1] + [
-        s.replace("plain-32", "plain-32 (not at its plateau in seeds 1, 2)", 1) if "plain-32" in s else s
-        for s in summary[1:]]
+    bare = annotate(summary, _fake_study(runs, uri="databricks"))
+    assert not any("](http" in s for s in bare) and [_unlabelled(s) for s in bare] == summary
 
 
 def test_results_csv_columns_say_why_a_cell_is_empty() -> None:
