@@ -301,8 +301,9 @@ def _links_line(study: Study) -> str:
     if base is None:
         return f"This store ({display_uri(study.tracking_uri)}) has no MLflow UI address: runs are named by id."
     if base == UI_ADDRESS:
+        file = study.parent.tags.get("study_file") if study.parent is not None else None
         return (f"Links to runs open the MLflow UI at {base}: start it on this store with "
-                f"`resnet-lab ui --tracking-uri {display_uri(study.tracking_uri)}` (or `make ui`); "
+                f"`resnet-lab ui {file or 'STUDY_FILE'} --tracking-uri {display_uri(study.tracking_uri)}` (or `make ui`); "
                 "another --host or --port moves the address.")
     return f"Links to runs open the MLflow UI of the tracking server at {base}."
 
