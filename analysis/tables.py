@@ -54,7 +54,8 @@ def diagnosed_text(study: Study) -> pd.Series:
             out.append(f"{', '.join(done)} (not {', '.join(n for n in DIAGNOSTICS if n not in done)}: "
                        "run 'resnet-lab diagnose STUDY_FILE')")
         elif row.model in nets_done:
-            out.append("no: the study diagnoses only some seeds of each net (its diagnostics 'seeds' setting)")
+            out.append("no: diagnosed on other seeds of this net only (the study's diagnostics 'seeds' setting, "
+                       "or 'resnet-lab diagnose STUDY_FILE' not run to the end)")
         else:
             out.append("no: not run (run 'resnet-lab diagnose STUDY_FILE')")
     return pd.Series(out, index=r.index, dtype=object)

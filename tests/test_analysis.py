@@ -568,7 +568,8 @@ def test_results_csv_columns_say_why_a_cell_is_empty() -> None:
     assert list(res["plateau"][:2]) == ["reached", "not reached"] and res["plateau"][2].startswith("not measured (")
     assert list(res["diagnosed"]) == [
         "lesion, landscape, curvature, shattering",
-        "no: the study diagnoses only some seeds of each net (its diagnostics 'seeds' setting)",
+        "no: diagnosed on other seeds of this net only (the study's diagnostics 'seeds' setting, or 'resnet-lab "
+        "diagnose STUDY_FILE' not run to the end)",
         "no: not run (run 'resnet-lab diagnose STUDY_FILE')"]
     assert res["diag_lesion_x"].isna().tolist() == [False, True, True]
     summary = summary_frame(study).set_index("net")
