@@ -255,9 +255,11 @@ def fig6_verdict(runs: pd.DataFrame) -> str | None:
         return f"All {len(checks)} of He et al. Fig. 6's training facts hold for {names} in these runs."
     failed = [c.name for c in checks if c.holds is False]
     unknown = [c.name for c in checks if c.holds is None]
-    parts = ([f"does not hold: {', '.join(failed)}"] if failed else []) + (
-        [f"cannot be told (one seed): {', '.join(unknown)}"] if unknown else [])
-    return f"Of He et al. Fig. 6's training facts for {names}, {'; '.join(parts)} (see the Summary)."
+    held = [c.name for c in checks if c.holds]
+    parts = ([f"{_and(failed)} {'does' if len(failed) == 1 else 'do'} not hold"] if failed else []) + (
+        [f"{_and(unknown)} cannot be told from one seed"] if unknown else []) + (
+        [f"{_and(held)} {'holds' if len(held) == 1 else 'hold'}"] if held else [])
+    return f"He et al. Fig. 6's training facts for {names}: {'; '.join(parts)} (see the Summary)."
 
 
 def fig6_findings(runs: pd.DataFrame) -> list[str]:

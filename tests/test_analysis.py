@@ -349,8 +349,8 @@ def test_cpu_banner_lists_every_departure_and_says_what_the_summary_says() -> No
     mixed = _fig6_runs([20.0, 9.5, 23.0])
     banner = findings.scale_banner(mixed, "cpu")
     summary = findings.summarize(mixed, pd.DataFrame(), pd.DataFrame())
-    assert banner.verdict.startswith("Of He et al. Fig. 6's training facts for plain-8, plain-32, ResNet-8 and "
-                                     "ResNet-32, does not hold: degradation, shortcut")
+    assert banner.verdict == ("He et al. Fig. 6's training facts for plain-8, plain-32, ResNet-8 and ResNet-32: "
+                              "degradation and shortcut do not hold; deep ResNet holds (see the Summary).")
     assert banner.verdict in summary
     shortcut = next(s for s in summary if s.startswith("He et al. Fig. 6 in every seed (shortcut)"))
     assert "is above ResNet-32's in 2 of 3 seeds" in shortcut and "not above in seed 1" in shortcut
