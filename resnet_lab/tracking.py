@@ -90,7 +90,7 @@ def local_store(uri: str) -> Path | None:
     (``file:///abs``, ``file:rel`` or a bare path); None for a server or an in-memory database."""
     if is_sqlite(uri):
         return sqlite_path(uri)
-    if uri.startswith("file:") or "://" not in uri:
+    if uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
         return Path(uri.removeprefix("file://").removeprefix("file:"))
     return None
 
