@@ -351,6 +351,8 @@ FIELD_HELP = {
     "probes": "record gradient flow, per-layer gradient norms and layer responses (probes/*.parquet, z_probes/*)",
     "grad_every": "iterations between per-layer gradient-norm records (1 = every step)",
     "log_layer_metrics": "also log one MLflow key per layer (hundreds of charts; the probe tables have them all)",
+    "plateau_images": "fixed training images whose loss is logged as train_fixed/* and decides whether the run "
+                      "reached its plateau (resnet_lab.plateau); 0 = off",
     "checkpoint_every": "iterations between checkpoints (resume after a crash or Ctrl-C); 0 = none; a multiple of log_every",
     "checkpoint_dir": "folder of the checkpoints",
     "seed": "initial weights, data order and augmentation (plain-n and resnet-n of one seed share them)",
