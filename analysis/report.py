@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resnet_lab.errors import check_can_create
+from resnet_lab.errors import UserError, check_can_create
 from resnet_lab.studyname import study_name
 
 if TYPE_CHECKING:

@@ -163,7 +163,7 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     uri = resolve_tracking_uri(tracking_uri)
-    require_store(uri)
+    require_store(uri, "`tracking_uri`")  # a Python function: name its argument
     client = connect(uri)
     exp = client.get_experiment_by_name(study)
     if exp is None:

@@ -95,14 +95,15 @@ def local_store(uri: str) -> Path | None:
     return None
 
 
-def require_store(uri: str) -> None:
+def require_store(uri: str, argument: str = "--tracking-uri") -> None:
     """A command that reads a store (ui, report, diagnose) needs it to exist already: MLflow would
-    silently create an empty SQLite file or folder, and such a command must leave nothing behind."""
+    silently create an empty SQLite file or folder, and such a command must leave nothing behind.
+    ``argument`` is what the caller calls the URI (a flag, or a Python argument such as `tracking_uri`)."""
     path = local_store(uri)
     if path is None or (path.is_file() if is_sqlite(uri) else path.is_dir()):
         return
     raise UserError(f"no MLflow tracking store at {display_uri(uri)} ({path} not found): run a study first "
-                    "('make depth-study'), or pass --tracking-uri / set MLFLOW_TRACKING_URI to the store it wrote")
+                    f"('make depth-study'), or pass {argument} / set MLFLOW_TRACKING_URI to the store it wrote")
 
 
 def display_uri(uri: str) -> str:

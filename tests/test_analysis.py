@@ -629,7 +629,7 @@ def test_report_scale_unknown_or_without_runs_is_one_line(store: dict, tmp_path:
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 25, 4.3: `--scale gpu` is refused as `diagnose` refuses it; `--scale full` on a store with only
     CPU-scale runs says which scales the store holds. From Python, the message names the argument."""
-    from resnet_lab.cli import main
+    from resnet_lab_command import main
 
     out = tmp_path / "o"
     assert main(["report", STUDY, "--tracking-uri", store["uri"], "--out", str(out), "--scale", "gpu"]) == 2
