@@ -28,7 +28,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, help="training iterations (replaces epochs)")
     p.add_argument("--epochs", type=int, help="training epochs, the d2l form (replaces iterations)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, mps, cuda or cuda:N")
     p.add_argument("--data-dir", help="directory with the dataset's original files")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment name (default resnet_lab)")
@@ -103,6 +103,13 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_device(args: argparse.Namespace) -> int:
+    from .devicecheck import check_device
+
+    print(check_device(args.device))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="resnet-lab", description="Plain vs residual networks at depth (He et al. 2016).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -115,6 +122,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, help="input size, e.g. 96 or 224 for the ImageNet family")
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (default: family default)")
     p.set_defaults(func=cmd_describe)
+    p = sub.add_parser("check-device", help="one training step on the GPU (cuda/mps) against the CPU's: "
+                                            "refuse a device that computes wrong gradients")
+    p.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), mps, cuda or cuda:N")
+    p.set_defaults(func=cmd_check_device)
     from analysis import report
     from . import study_command, ui
     from .diagnostics import command as diagnose

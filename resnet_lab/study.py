@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import launch
 from .checkpoint import checkpoint_path
 from .checkpoint import load as load_checkpoint
 from .config import TrainConfig
 from .data import check_sizes, load_dataset
+from .device import accelerator, auto_scale, visible_gpus
+from .devicecheck import check_device
 from .errors import UserError
 from .launch import Outcome, Reporter
 from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
@@ -215,10 +215,10 @@ def parse_devices(text: str | None) -> list[str] | None:
         raise UserError(f"--devices expects GPU indices like 0,1, got {text!r}")
     if len(set(items)) < len(items):
         raise UserError(f"--devices lists a GPU twice: {text!r}")
-    if not torch.cuda.is_available():
+    count = len(visible_gpus())
+    if not count:
         raise UserError(f"--devices {text} asks for GPUs but CUDA is not available here; leave --devices out "
-                        "to train on CPU")
-    count = torch.cuda.device_count()
+                        f"to train on {accelerator()}")
     bad = [t for t in items if int(t) >= count]
     if bad:
         raise UserError(f"--devices {text}: GPU {bad[0]} does not exist, this machine has {count} (0..{count - 1})")
@@ -267,13 +267,16 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
         study = _pick_scale(scales, path, scale, ray_pool)
         jobs = jobs or (len(device_list) if device_list else 1)
         default_device = _default_device(ray_pool)
+        device_list = worker_devices(device_list, jobs, default_device) if ray_pool is None else [default_device]
         study.runs = _placed(study.runs, uri, default_device, progress=progress and jobs == 1 and ray_pool is None,
                              absolute_paths=ray_pool is not None)
         if dry_run:
             _print_runs(study)
             return None
         ensure_data(study)
-        return _train_study(study, uri, jobs, device_list or [default_device], ray_pool, progress)
+        if ray_pool is None and default_device != "cpu":
+            check_device(device_list[0])  # a device that computes wrong gradients trains nothing (one line, exit 2)
+        return _train_study(study, uri, jobs, device_list, ray_pool, progress)
     finally:
         if ray_pool is not None:
             ray_pool.close()
@@ -283,7 +286,7 @@ def _pick_scale(scales: dict[str, Study], path: str | Path, scale: str, ray_pool
     """``auto``: full where CUDA is (here, or in the Ray cluster), else the file's [cpu] scale, said loudly."""
     if scale != "auto":
         return scales[scale]
-    if _default_device(ray_pool) == "cuda":
+    if auto_scale(_default_device(ray_pool)) == "full":
         return scales["full"]
     where = "in the Ray cluster" if ray_pool is not None else "here"
     cpu, full = scales["cpu"], scales["full"]
@@ -298,9 +301,19 @@ def _pick_scale(scales: dict[str, Study], path: str | Path, scale: str, ray_pool
 
 
 def _default_device(ray_pool: Any) -> str:
-    """cuda where a GPU is (here, or in the Ray cluster), else cpu."""
-    has_gpu = ray_pool.gpus > 0 if ray_pool is not None else torch.cuda.is_available()
-    return "cuda" if has_gpu else "cpu"
+    """``device.accelerator()`` here; in a Ray cluster cuda where it has GPUs, else cpu."""
+    if ray_pool is not None:
+        return "cuda" if ray_pool.gpus > 0 else "cpu"
+    return accelerator()
+
+
+def worker_devices(asked: list[str] | None, jobs: int, default: str) -> list[str]:
+    """Where a local study's runs go: the ``--devices`` GPUs; else, with ``--jobs N`` on CUDA, every
+    GPU this process sees (the workers take the least busy one, so round-robin); else ``default``."""
+    if asked:
+        return asked
+    gpus = visible_gpus() if default == "cuda" and jobs > 1 else []
+    return gpus or [default]
 
 
 def _placed(runs: list[StudyRun], uri: str, device: str, *, progress: bool, absolute_paths: bool) -> list[StudyRun]:
