@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="plain-N / resnet-N, N = 6n+2 (CIFAR family) or 18/34 (ImageNet family)")
-    p.add_argument("--dataset", help="fashion-mnist, cifar10 or synthetic")
+    p.add_argument("--dataset", help="fashion-mnist, cifar10, cifar100 or synthetic")
     p.add_argument("--iterations", type=int, help="training iterations (replaces epochs)")
     p.add_argument("--epochs", type=int, help="training epochs, the d2l form (replaces iterations)")
     p.add_argument("--seed", type=int)
@@ -85,13 +85,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_describe(args: argparse.Namespace) -> int:
     from .models import build_model, count_parameters, layer_table
 
-    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "synthetic": (1, 28, 28)}
+    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic": (1, 28, 28)}
     if args.dataset not in shapes:
         raise UserError(f"unknown dataset {args.dataset!r}: use one of {', '.join(shapes)}")
     c, h, w = shapes[args.dataset]
     if args.resize:
         h = w = args.resize
-    model = build_model(args.model, in_channels=c, num_classes=10, shortcut=args.shortcut)
+    model = build_model(args.model, in_channels=c, num_classes=100 if args.dataset == "cifar100" else 10,
+                        shortcut=args.shortcut)
     rows = layer_table(model, (c, h, w))
     width = max(len(r[0]) for r in rows)
     print(f"{model.spec.name} ({model.spec.arch}, shortcut {model.shortcut_option if model.spec.residual else 'none'}) "
