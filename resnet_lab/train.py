@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import runmodel
 from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path, remove_stale_temps, save_atomic
 from .checkpoint import load as load_checkpoint
 from .config import TrainConfig
-from .device import select_device, sum_dtype
 from .data import Dataset, DeviceLoader, check_sizes, load_dataset
+from .device import select_device, sum_dtype
 from .errors import UserError, check_can_create
 from .models import ResNet, build_model, count_parameters
 from .probes import Probes
@@ -247,7 +248,7 @@ def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None)
     # step 0: MLflow's chart view draws a key that never reaches step 1 as bars, one per run with its
     # value written on it (how final errors are compared); at step = iterations it drew lone dots
     tracker.log([(key, value, 0) for key, value in final.items()])
-    _log_final_artifacts(tracker, state.model, cfg, state.probes)
+    _log_final_artifacts(tracker, state.model, cfg, state.probes, setup.data)
     _describe_run(tracker, setup, final)
     return TrainResult(tracker.run_id, "FINISHED", total, state.last)
 
@@ -375,9 +376,12 @@ def _log_init_weights(tracker: RunTracker, model: ResNet) -> None:
         tracker.log_artifacts([(path, "model")])
 
 
-def _log_final_artifacts(tracker: RunTracker, model: ResNet, cfg: TrainConfig, probes: Probes) -> None:
-    """Weights (state_dict), the resolved config, the probe tables, and the run's own figures."""
+def _log_final_artifacts(tracker: RunTracker, model: ResNet, cfg: TrainConfig, probes: Probes, data: Dataset) -> None:
+    """Weights (state_dict, and the MLflow model ``runs:/<id>/model``), the data trained on (dataset
+    input), the resolved config, the probe tables, and the run's own figures."""
     tracker.log_text(cfg.to_json(), "config.json")
+    runmodel.log_model(tracker, model, cfg, data)
+    tracker.log_input(runmodel.dataset_input(cfg, data))
     _log_figures(tracker, cfg, probes)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "state_dict.pt"
