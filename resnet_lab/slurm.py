@@ -1,7 +1,8 @@
 """SLURM through submitit (``resnet-lab study STUDY --launcher submitit``): a study's trainings
-as one job array, one task per run.
+as one job array, one task per run. This module holds the settings (the ``[slurm]`` table and the
+flags) and the rules about the cluster; the launcher itself is ``launch.SubmititLauncher``.
 
-Each task is a ``TrainTask``: it trains its run with ``launch.train_run`` like any other launcher,
+Each task is a ``launch.TrainTask``: it trains its run with ``launch.train_run`` like any other launcher,
 and its ``checkpoint()`` (submitit's hook, called when SLURM preempts the task or its time limit
 nears) resubmits the same task. The requeued task finds the run's last checkpoint and continues
 the same MLflow run from it (``train.train``), so a run is never trained twice; what was trained
@@ -14,7 +15,6 @@ settings (``Settings``).
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,81 +112,6 @@ def check_tracking(uri: str, cluster: str) -> None:
                         "break its locks")
 
 
-class TrainTask:
-    """One array task: train one run of the study; requeued on preemption or time limit."""
-
-    def __init__(self, run: Any, parent_id: str, tags: dict[str, str]) -> None:
-        self.run, self.parent_id, self.tags = run, parent_id, tags
-
-    def __call__(self) -> Any:
-        from .launch import train_run
-
-        return train_run(self.run, self.run.cfg, self.parent_id, self.tags, interrupted="interrupted (job cancelled)")
-
-    def checkpoint(self) -> Any:
-        """submitit's hook on preemption or time limit: resubmit this task as it is. The rerun resumes
-        the run from its last checkpoint file (``train.train``), in the same MLflow run."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)
-
-
-class SubmititLauncher:
-    """Submits a study's runs as one job array on ``cluster`` and waits for it."""
-
-    def __init__(self, cluster: str, settings: Settings, wait: bool = True, poll_s: float | None = None) -> None:
-        try:
-            import submitit
-        except ImportError:
-            raise UserError("--launcher submitit needs submitit, an optional extra: pip install '.[slurm]'") from None
-        self.submitit, self.cluster, self.settings, self.wait = submitit, cluster, settings, wait
-        self.poll_s = poll_s if poll_s is not None else (30.0 if cluster == "slurm" else 1.0)
-        self.jobs: list[Any] = []
-
-    def describe(self) -> str:
-        s = self.settings
-        where = f"partition {s.partition}" if s.partition else "the default partition"
-        return (f"submitit on {self.cluster}: one array task per run on {where}, {s.gpus_per_task} GPU(s) and "
-                f"{s.time_min} min per task, {s.array_parallelism} at once")
-
-    def slots(self, runs: int) -> int:
-        return max(1, min(runs, self.settings.array_parallelism))
-
-    def executor(self, study_name: str) -> Any:
-        folder = Path(self.settings.folder) / study_name / "%j"
-        executor = self.submitit.AutoExecutor(folder=str(folder), cluster=self.cluster)
-        executor.update_parameters(name=f"resnet-lab-{study_name}", **self.settings.executor_parameters(self.cluster))
-        return executor
-
-    def run(self, study_name: str, runs: list[Any], parent_id: str, tags: dict[str, str], reporter: Any,
-            on_done: Any) -> list[str]:
-        """Submit every run as one array; unless ``--no-wait``, report each outcome as its task ends.
-        Returns the job ids."""
-        from .launch import Outcome, _reason
-
-        if not runs:
-            return []
-        executor = self.executor(study_name)
-        with executor.batch():  # one sbatch --array for all of them
-            futures = [executor.submit(TrainTask(run, parent_id, tags)) for run in runs]
-        self.jobs = futures
-        submitted(self.jobs, runs)
-        for run, job in zip(runs, futures):
-            reporter.started(run, f"{self.cluster} job {job.job_id}", verb="submitted as")
-        if not self.wait:
-            return [j.job_id for j in futures]
-        started = time.perf_counter()
-        by_job = {id(job): run for job, run in zip(futures, runs)}
-        for job in self.submitit.helpers.as_completed(futures, poll_frequency=self.poll_s):
-            run = by_job[id(job)]
-            try:
-                outcome = job.result()
-            except Exception as e:  # noqa: BLE001 - the task failed or was not requeued: the run failed
-                outcome = Outcome(run, "FAILED", None, {}, _reason(e), time.perf_counter() - started)
-            on_done(outcome)
-        return [j.job_id for j in futures]
-
-
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING")
 
@@ -202,7 +127,3 @@ def refuse_if_running(job_ids: str | None, cluster: str, folder: Path) -> None:
     if running:
         raise UserError(f"array task(s) {', '.join(running[:5])} of this study are still queued or running "
                         f"(squeue -j {running[0]}); wait until they end (or scancel them), then rerun")
-
-
-def submitted(jobs: list[Any], runs: list[Any]) -> None:
-    """Called once the array is submitted (the tests use it to interrupt a task mid-run)."""

@@ -275,7 +275,7 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
     if launcher == "submitit":
         slurm.check_tracking(uri, cluster)
         settings = slurm.with_flags(scales["full"].slurm, **({"sbatch": []} | (slurm_flags or {})))
-        array = slurm.SubmititLauncher(cluster, settings, wait=wait)
+        array = launch.SubmititLauncher(cluster, settings, wait=wait)
         return _run_array(scales, path, scale, uri, array, dry_run)
     device_list = parse_devices(devices) if launcher == "local" else None
     if launcher == "ray" and address and not uri.startswith(("http://", "https://")):
@@ -303,7 +303,7 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
             ray_pool.close()
 
 
-def _run_array(scales: dict[str, Study], path: str | Path, scale: str, uri: str, array: "slurm.SubmititLauncher",
+def _run_array(scales: dict[str, Study], path: str | Path, scale: str, uri: str, array: "launch.SubmititLauncher",
                dry_run: bool) -> StudyResult | None:
     """The study as one submitit job array: on SLURM, the full scale on the GPUs the tasks ask
     for (a CPU-only array, gpus_per_task 0, picks the [cpu] scale like a machine without CUDA);
@@ -374,7 +374,7 @@ def _print_runs(study: Study) -> None:
 
 
 def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool: Any,
-                 progress: bool, array: "slurm.SubmititLauncher | None" = None) -> StudyResult:
+                 progress: bool, array: "launch.SubmititLauncher | None" = None) -> StudyResult:
     """Open the parent run, plan, train what is left under it, and close it with how the study ended."""
     client = connect(uri)  # from here on the store exists
     experiment_id = get_or_create_experiment(client, study.name, uri)
@@ -419,7 +419,7 @@ def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool
     return result
 
 
-def _submitted(study: Study, parent: RunTracker, job_ids: list[str], array: "slurm.SubmititLauncher", uri: str,
+def _submitted(study: Study, parent: RunTracker, job_ids: list[str], array: "launch.SubmititLauncher", uri: str,
                started: float) -> StudyResult:
     """``--no-wait``: the array is queued; the parent run stays RUNNING (a rerun reopens it); say how to finish."""
     first, last = job_ids[0], job_ids[-1]

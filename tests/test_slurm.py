@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from resnet_lab import slurm
+from resnet_lab import launch, slurm
 from resnet_lab.checkpoint import checkpoint_path
 from resnet_lab.cli import main
 from resnet_lab.errors import UserError
@@ -96,7 +96,7 @@ def test_a_local_array_trains_the_study_and_a_preempted_task_resumes(tmp_path: P
 
         threading.Thread(target=watch, daemon=True).start()
 
-    monkeypatch.setattr(slurm, "submitted", preempt_second)
+    monkeypatch.setattr(launch, "submitted", preempt_second)
     result = run_study(
         path, launcher="submitit", cluster="local", tracking_uri=tracking_uri, progress=False)
     assert sent, "the second task was never signalled"
