@@ -384,8 +384,11 @@ class TrainTask:
 
     def __init__(self, run: Any, parent_id: str, tags: dict[str, str]) -> None:
         self.run, self.parent_id, self.tags = run, parent_id, tags
+        self.requeued = False
 
     def __call__(self) -> Any:
+        if self.requeued:
+            self._settle_unresumable()
         return train_run(self.run, self.run.cfg, self.parent_id, self.tags, interrupted="interrupted (job cancelled)")
 
     def checkpoint(self) -> Any:
@@ -393,7 +396,34 @@ class TrainTask:
         the run from its last checkpoint file (``train.train``), in the same MLflow run."""
         import submitit
 
+        self.requeued = True
         return submitit.helpers.DelayedSubmission(self)
+
+    def _settle_unresumable(self) -> None:
+        """After a requeue: a RUNNING run of this config under this study that no checkpoint names was
+        stopped before its first checkpoint; it ends KILLED (the study's rule for such runs) and the
+        run trains afresh, so the store keeps one live run per config."""
+        from mlflow import MlflowClient
+
+        from .checkpoint import load as load_checkpoint
+        from .train import checkpoint_path
+
+        cfg = self.run.cfg
+        path = checkpoint_path(cfg)
+        try:
+            named = load_checkpoint(path).get("run_id") if path is not None and path.exists() else None
+        except UserError:
+            named = None
+        client = MlflowClient(cfg.tracking_uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            return
+        for r in client.search_runs([experiment.experiment_id], f"tags.config_hash = '{self.run.config_hash}'"):
+            if (r.info.status == "RUNNING" and r.info.run_id != named
+                    and r.data.tags.get("mlflow.parentRunId") == self.parent_id):
+                client.set_tag(r.info.run_id, "failure_reason", "preempted before its first checkpoint; the "
+                               "requeued task trained the config afresh")
+                client.set_terminated(r.info.run_id, "KILLED")
 
 
 class SubmititLauncher:
