@@ -20,7 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from . import runmodel
-from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path, remove_stale_temps, save_atomic
+from .checkpoint import (Interrupted, StopFlag, TrainState, checkpoint_path, history_path, refuse_other_hardware,
+                         remove_checkpoint, save_atomic)
 from .checkpoint import load as load_checkpoint
 from .config import TrainConfig
 from .data import Dataset, DeviceLoader, check_sizes, load_dataset
@@ -110,7 +111,7 @@ def prepare(cfg: TrainConfig) -> Setup:
     torch.manual_seed(cfg.seed)  # the same seed gives plain-n and resnet-n the same initial weights
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         shortcut=cfg.shortcut, zero_init_residual=cfg.zero_init_residual)
-    speed = plan(device, cfg.precision, cfg.compile, iterations)
+    speed = plan(device, cfg.precision, cfg.compile, iterations, cfg.compile_mode)
     return Setup(resolved, cfg.config_hash(), checkpoint_path(cfg), device, speed, data, model, iterations)
 
 
@@ -168,8 +169,7 @@ def train(cfg: TrainConfig, *, parent_run_id: str | None = None, extra_tags: dic
         raise
     tracker.finish(result.status, result.reason)
     if setup.checkpoint is not None:
-        setup.checkpoint.unlink(missing_ok=True)
-        remove_stale_temps(setup.checkpoint)
+        remove_checkpoint(setup.checkpoint)
     return result
 
 
@@ -193,12 +193,9 @@ def _resumable_checkpoint(setup: Setup) -> dict | None:
     saved = load_checkpoint(path)
     if saved.get("config_hash") != setup.config_hash:
         return None
-    written, here = (saved["device_type"], saved["precision"]), (setup.device.type, setup.speed.precision)
-    if written != here:
-        # The rest of the run would switch precision, and the epoch's permutation would be redrawn by
-        # another device's generator (some images repeated, others skipped): not the same training.
-        raise UserError(f"checkpoint {path} was written on {written[0]} in {written[1]}, this run is on {here[0]} in "
-                        f"{here[1]}: resume it with --device {written[0]}, or delete it to train afresh here")
+    # The rest of the run would switch precision, or the epoch's permutation would be redrawn by
+    # another device's generator (some images repeated, others skipped): not the same training.
+    refuse_other_hardware(path, saved, setup.device.type, setup.speed.precision)
     return saved
 
 
@@ -260,15 +257,16 @@ def _start(setup: Setup) -> tuple[TrainState, nn.Module | CompiledStep, dict[str
         torch.backends.cudnn.benchmark = True
     model = setup.model.to(device, memory_format=setup.speed.memory_format).train()
     step_model = make_step_model(model, setup.speed)  # the step only: probes and eval stay eager
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = setup.speed.sgd(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)  # fused on CUDA, the exact loop on CPU
     loader = DeviceLoader(data.train, batch_size=cfg.batch_size, device=device, mean=data.mean, std=data.std,
                           train=True, augment=cfg.augment, seed=cfg.seed)
     eval_loaders = {name: DeviceLoader(split, batch_size=cfg.eval_batch_size, device=device, mean=data.mean,
                                        std=data.std, train=False)
                     for name, split in (("test", data.test), ("val", data.val)) if split is not None}
     probes = make_probes(cfg, model, device, eval_loaders["test"])
-    state = TrainState(model, optimizer, loader, probes, window=torch.zeros(2, device=device))
+    state = TrainState(model, optimizer, loader, probes, window=torch.zeros(2, device=device),
+                       history=history_path(setup.checkpoint))
     return state, step_model, eval_loaders
 
 
