@@ -24,12 +24,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="plain-N / resnet-N, N = 6n+2 (CIFAR family) or 18/34 (ImageNet family)")
-    p.add_argument("--dataset", help="fashion-mnist, cifar10 or synthetic")
+    p.add_argument("--dataset", help="fashion-mnist, cifar10, cifar100 or synthetic")
     # read as --set reads them (config.apply), so 1e5 works and one bound applies either way
     p.add_argument("--iterations", help="training iterations (replaces epochs)")
     p.add_argument("--epochs", help="training epochs, the d2l form (replaces iterations)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, mps, cuda or cuda:N")
     p.add_argument("--data-dir", help="directory with the dataset's original files")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment name (default resnet_lab)")
@@ -86,13 +86,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_describe(args: argparse.Namespace) -> int:
     from .models import build_model, count_parameters, layer_table
 
-    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "synthetic": (1, 28, 28)}
+    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic": (1, 28, 28)}
     if args.dataset not in shapes:
         raise UserError(f"unknown dataset {args.dataset!r}: use one of {', '.join(shapes)}")
     c, h, w = shapes[args.dataset]
     if args.resize:
         h = w = args.resize
-    model = build_model(args.model, in_channels=c, num_classes=10, shortcut=args.shortcut)
+    model = build_model(args.model, in_channels=c, num_classes=100 if args.dataset == "cifar100" else 10,
+                        shortcut=args.shortcut)
     rows = layer_table(model, (c, h, w))
     width = max(len(r[0]) for r in rows)
     print(f"{model.spec.name} ({model.spec.arch}, shortcut {model.shortcut_option if model.spec.residual else 'none'}) "
@@ -101,6 +102,13 @@ def cmd_describe(args: argparse.Namespace) -> int:
     for name, kind, shape, params in rows:
         print(f"{name:{width}s}  {kind:16s} {'x'.join(map(str, shape)):>14s} {params:9,d}")
     print(f"parameters: {count_parameters(model)}")
+    return 0
+
+
+def cmd_check_device(args: argparse.Namespace) -> int:
+    from .devicecheck import check_device
+
+    print(check_device(args.device))
     return 0
 
 
@@ -116,6 +124,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, help="input size, e.g. 96 or 224 for the ImageNet family")
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (default: family default)")
     p.set_defaults(func=cmd_describe)
+    p = sub.add_parser("check-device", help="one training step on the GPU (cuda/mps) against the CPU's: "
+                                            "refuse a device that computes wrong gradients")
+    p.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), mps, cuda or cuda:N")
+    p.set_defaults(func=cmd_check_device)
     from analysis import report
     from . import study_command, ui
     from .diagnostics import command as diagnose
