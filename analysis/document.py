@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from resnet_lab.tracking import NOT_TRAINING, display_uri
+from resnet_lab.tracking import NOT_TRAINING, display_uri, is_server, local_store
 
 from .anchors import Anchor, anchor_for
 from .diag_figures import DIAG_FIGURES
@@ -175,11 +175,9 @@ _RUN_VIEW = "workflowType=machine_learning"  # MLflow 3 opens a run in its model
 def ui_base(uri: str) -> str | None:
     """The MLflow UI address that shows this store's runs: the tracking server itself, or for a local
     store (SQLite, a folder) the address `resnet-lab ui` serves it on; None for other stores."""
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         return display_uri(uri).rstrip("/")
-    if uri.startswith(("sqlite:", "file:")) or ("://" not in uri and not uri.startswith("databricks")):
-        return UI_ADDRESS
-    return None
+    return UI_ADDRESS if local_store(uri) is not None or uri.startswith("sqlite:") else None
 
 
 def run_url(study: Study, run_id: str) -> str | None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resnet_lab.errors import UserError, check_can_create
+from resnet_lab.errors import check_can_create
+from resnet_lab.studyname import study_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,25 +104,6 @@ def parent_note(rep: Report) -> str:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def study_name(arg: str) -> str:
-    """A study name, or a study TOML path: its ``name`` key, else its file stem (the study runner's rule)."""
-    path = Path(arg)
-    if arg.endswith(".toml") or path.is_file():
-        if not path.is_file():
-            raise UserError(f"study file {arg} not found: give a study name (e.g. {DEFAULT_STUDY}) or an existing "
-                            "study TOML path")
-        try:
-            name = tomllib.loads(path.read_text()).get("name", path.stem)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"study file {arg} is not valid TOML: {' '.join(str(e).split())}") from None
-        if not isinstance(name, str) or not name:
-            raise UserError(f"study file {arg}: name must be a non-empty string, got {name!r}")
-        return name
-    if not arg or "/" in arg:
-        raise UserError(f"{arg!r} is not a study name or a study TOML file")
-    return arg
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -41,7 +41,8 @@ import pandas as pd
 from resnet_lab import plateau
 from resnet_lab.errors import UserError
 from resnet_lab.scales import SCALES
-from resnet_lab.tracking import connect, display_uri, is_sqlite, no_download_bars, resolve_tracking_uri, search_all_runs, sqlite_path
+from resnet_lab.tracking import (connect, display_uri, no_download_bars, require_store, resolve_tracking_uri,
+                                 search_all_runs)
 
 CURVE_KEYS = ("train/error", "test/error", "val/error", "train/loss", "test/loss", "val/loss", "lr",
               plateau.HISTORY_KEY)  # the last: loss on a fixed unaugmented training subset (the plateau's curve)
@@ -162,7 +163,7 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     uri = resolve_tracking_uri(tracking_uri)
-    _require_sqlite_file(uri)
+    require_store(uri)
     client = connect(uri)
     exp = client.get_experiment_by_name(study)
     if exp is None:
@@ -226,17 +227,6 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
         grad_flow=tables.get("grad_flow", empty["grad_flow"]),
         responses=tables.get("responses", empty["responses"]),
         params=params, notes=notes, timings=timings, left_out=left_out, diagnostics=diagnostics)
-
-
-def _require_sqlite_file(uri: str) -> None:
-    """A SQLite URI must name an existing file: connecting would create an empty store, and
-    a report must leave nothing behind when there is nothing to report."""
-    if not is_sqlite(uri):
-        return
-    path = sqlite_path(uri)
-    if path is None or not path.is_file():
-        raise UserError(f"no MLflow tracking store at {display_uri(uri)} (file {path or '?'} not found): run the study "
-                        "first, or pass `tracking_uri` / set MLFLOW_TRACKING_URI to the store it wrote")
 
 
 def _pick_parent(all_runs: list[Any], study: str, scale: str | None) -> ParentRun | None:

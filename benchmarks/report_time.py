@@ -119,7 +119,7 @@ def build_store(root: Path, iterations: int, layer_metrics: bool = False) -> str
 def time_cli(uri: str, out: Path) -> float:
     """Wall seconds of ``resnet-lab report`` in a fresh process, as a user runs it."""
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "resnet_lab", "report", STUDY, "--tracking-uri", uri, "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "resnet_lab_command", "report", STUDY, "--tracking-uri", uri, "--out", str(out)],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+AddParser = Callable[[Any], argparse.ArgumentParser]  # registers one subcommand on the subparsers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +29,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     # read as --set reads them (config.apply), so 1e5 works and one bound applies either way
     p.add_argument("--iterations", help="training iterations (replaces epochs)")
     p.add_argument("--epochs", help="training epochs, the d2l form (replaces iterations)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="initial weights, data order and augmentation (default 0); "
+                                            "plain-n and resnet-n of one seed start alike and see the same batches")
     p.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, mps, cuda or cuda:N")
     p.add_argument("--data-dir", help="directory with the dataset's original files")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -84,20 +86,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
     from .models import build_model, count_parameters, layer_table
 
+    # the model, dataset, size and shortcut checked as train checks them; train's dataset by default
+    given = {k: v for k, v in {"dataset": args.dataset, "resize": args.resize, "shortcut": args.shortcut}.items()
+             if v is not None}
+    cfg = TrainConfig(model=args.model, **given).validate()
     shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic": (1, 28, 28)}
-    if args.dataset not in shapes:
-        raise UserError(f"unknown dataset {args.dataset!r}: use one of {', '.join(shapes)}")
-    c, h, w = shapes[args.dataset]
-    if args.resize:
-        h = w = args.resize
-    model = build_model(args.model, in_channels=c, num_classes=100 if args.dataset == "cifar100" else 10,
-                        shortcut=args.shortcut)
+    c, h, w = shapes[cfg.dataset]
+    if cfg.resize is not None:
+        h = w = cfg.resize
+    model = build_model(cfg.model, in_channels=c, num_classes=100 if cfg.dataset == "cifar100" else 10, shortcut=cfg.shortcut)
     rows = layer_table(model, (c, h, w))
     width = max(len(r[0]) for r in rows)
     print(f"{model.spec.name} ({model.spec.arch}, shortcut {model.shortcut_option if model.spec.residual else 'none'}) "
-          f"on {args.dataset} {c}x{h}x{w}")
+          f"on {cfg.dataset} {c}x{h}x{w}")
     print(f"{'layer':{width}s}  {'type':16s} {'output':>14s} {'params':>9s}")
     for name, kind, shape, params in rows:
         print(f"{name:{width}s}  {kind:16s} {'x'.join(map(str, shape)):>14s} {params:9,d}")
@@ -112,7 +116,9 @@ def cmd_check_device(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(commands: Sequence[AddParser] = ()) -> argparse.ArgumentParser:
+    """The library's commands, plus ``commands`` (each registers one subcommand): the console
+    script (``resnet_lab_command``, above this package and ``analysis``) adds ``report``."""
     parser = _Parser(prog="resnet-lab", description="Plain vs residual networks at depth (He et al. 2016).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train one net, logged as one MLflow run")
@@ -120,28 +126,28 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("describe", help="print a model's layer table and parameter count")
     p.add_argument("model", help="e.g. resnet-56, plain-20, resnet-18")
-    p.add_argument("--dataset", default="cifar10", help="sets input channels and size (default cifar10)")
-    p.add_argument("--resize", type=int, help="input size, e.g. 96 or 224 for the ImageNet family")
+    p.add_argument("--dataset", help="sets input channels and size (default: train's, fashion-mnist)")
+    p.add_argument("--resize", type=int, help="input size in pixels, e.g. 96 or 224 for the ImageNet family")
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (default: family default)")
     p.set_defaults(func=cmd_describe)
     p = sub.add_parser("check-device", help="one training step on the GPU (cuda/mps) against the CPU's: "
                                             "refuse a device that computes wrong gradients")
     p.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), mps, cuda or cuda:N")
     p.set_defaults(func=cmd_check_device)
-    from analysis import report
     from . import study_command, ui
     from .diagnostics import command as diagnose
 
     study_command.add_parser(sub)
     diagnose.add_parser(sub)
-    report.add_parser(sub)
+    for add_parser in commands:
+        add_parser(sub)
     ui.add_parser(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, commands: Sequence[AddParser] = ()) -> int:
     try:
-        args = make_parser().parse_args(argv)
+        args = make_parser(commands).parse_args(argv)
         return args.func(args)
     except UserError as e:
         print(f"resnet-lab: error: {' '.join(str(e).split())}", file=sys.stderr)

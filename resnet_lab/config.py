@@ -23,11 +23,9 @@ from .device import accelerator, check_device_name
 from .errors import UserError
 from .models import SHORTCUTS, canonical_name, parse_model_name
 from .speed import COMPILE_MODES, PRECISIONS, cxx_missing
+from .studyname import NAME_RE  # noqa: F401 - the one rule for experiment and study names, defined torch-free
 from .tracking import NOT_TRAINING
 
-# An MLflow experiment's name (a study's name is its experiment; checkpoints live in a folder of it):
-# the one rule for both, so an empty, blank or path-like name is refused before anything is written.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # The longest run the lab starts: 156x the paper's 64k steps, ~12 days of resnet-110 on a fast GPU;
 # a longer one (a typo, an exponent: 1e20) could never finish. One bound however the number is given.
 MAX_ITERATIONS = 10_000_000
@@ -318,8 +316,64 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+# What each field means, for --help-config (tests/test_cli.py checks that every field has a line).
+FIELD_HELP = {
+    "model": "the net: plain-N / resnet-N, N = 6n+2 (CIFAR family) or 18/34 (ImageNet family)",
+    "shortcut": "A (zero-padding, no parameters), B (projection where the shape changes) or C (projection "
+                "everywhere); unset: A for CIFAR nets, B for 18/34",
+    "zero_init_residual": "start each block's last BatchNorm gamma at 0 (residual nets only)",
+    "dataset": "fashion-mnist, cifar10 or synthetic (small, generated; for tests and smoke runs)",
+    "data_dir": "a folder with the dataset's original files (else FASHION_MNIST_DIR / CIFAR10_DIR, the cache, Debian's package)",
+    "data_root": "torchvision's cache and download folder",
+    "resize": "input side in pixels (e.g. 96 for the d2l recipe); unset: the dataset's own size",
+    "val_size": "training images held out as a validation split, logged as val/* (paper: 5000); 0 = none",
+    "train_size": "train on the first N training images only (quick runs); unset: all",
+    "test_size": "evaluate on a fixed subset of N test images (the same for every seed); unset: all",
+    "augment": "pad 4 + random crop back to size + horizontal flip, as in the paper",
+    "batch_size": "images per SGD step",
+    "lr": "learning rate after warm-up",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay",
+    "iterations": "training steps (setting epochs unsets it)",
+    "epochs": "passes over the training set, the d2l form (setting iterations unsets it)",
+    "milestones": "iterations where lr is multiplied by lr_decay; unset: at 50 % and 75 % of the run",
+    "lr_decay": "factor applied to lr at each milestone",
+    "warmup_iterations": "first N iterations at warmup_lr (paper: ~400 for ResNet-110)",
+    "warmup_lr": "learning rate during warm-up",
+    "eval_every": "iterations between test (and val) evaluations",
+    "eval_batch_size": "images per evaluation batch (memory only; results do not depend on it)",
+    "log_every": "iterations between logged train/* points (each the mean since the last one)",
+    "probes": "record gradient flow, per-layer gradient norms and layer responses (probes/*.parquet, z_probes/*)",
+    "grad_every": "iterations between per-layer gradient-norm records (1 = every step)",
+    "log_layer_metrics": "also log one MLflow key per layer (hundreds of charts; the probe tables have them all)",
+    "plateau_images": "fixed training images whose loss is logged as train_fixed/* and decides whether the run "
+                      "reached its plateau (resnet_lab.plateau); 0 = off",
+    "checkpoint_every": "iterations between checkpoints (resume after a crash or Ctrl-C); 0 = none; a multiple of log_every",
+    "checkpoint_dir": "folder of the checkpoints",
+    "seed": "initial weights, data order and augmentation (plain-n and resnet-n of one seed share them)",
+    "device": "auto (CUDA if there is one, else CPU), cpu, cuda or cuda:N",
+    "precision": "auto (bf16 autocast where the device computes bf16 natively: CUDA, AMX or AVX512-BF16 CPUs), "
+                 "fp32 or bf16",
+    "compile": "torch.compile the training step: auto (the rule in resnet_lab.speed: on CPU, runs of at least "
+               "1,000 iterations), true or false",
+    "compile_mode": "torch.compile's mode when compiling: default, reduce-overhead (CUDA graphs over the step) or "
+                    "auto (reduce-overhead on CUDA, default elsewhere)",
+    "tracking_uri": "MLflow store (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)",
+    "experiment": "MLflow experiment the run goes to",
+    "run_name": "MLflow run name; unset: <model>-s<seed>",
+    "progress": "show a progress bar",
+}
+CHOICES = {"compile": "auto|true|false", "compile_mode": "|".join(COMPILE_MODES), "precision": "auto|fp32|bf16",
+           "device": "auto|cpu|cuda|cuda:N"}
+
+
 def field_help() -> str:
-    """One line per field: name, type, default (for --help-config)."""
+    """One line per field: name, type (or its choices), default, what it means (for --help-config)."""
     cfg = TrainConfig()
     hints = typing.get_type_hints(TrainConfig)
-    return "\n".join(f"  {f.name:20s} {_type_name(hints[f.name]):16s} default {getattr(cfg, f.name)!r}" for f in fields(cfg))
+    rows = [(f.name, CHOICES.get(f.name, _type_name(hints[f.name])),
+             "auto" if f.name == "compile" and getattr(cfg, f.name) is None else repr(getattr(cfg, f.name)))
+            for f in fields(cfg)]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"  {name:{w[0]}s}  {kind:{w[1]}s}  default {default:{w[2]}s}  {FIELD_HELP[name]}"
+                     for name, kind, default in rows)

@@ -29,7 +29,7 @@ from .errors import UserError
 from .launch import Outcome, Reporter
 from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
 from .tracking import (RunTracker, absolute_uri, connect, describe_study, display_uri, get_or_create_experiment,
-                       resolve_tracking_uri, search_all_runs)
+                       is_server, resolve_tracking_uri, search_all_runs)
 from .train import total_iterations
 
 
@@ -278,7 +278,7 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
         array = launch.SubmititLauncher(cluster, settings, wait=wait)
         return _run_array(scales, path, scale, uri, array, dry_run)
     device_list = parse_devices(devices) if launcher == "local" else None
-    if launcher == "ray" and address and not uri.startswith(("http://", "https://")):
+    if launcher == "ray" and address and not is_server(uri):
         print(f"resnet-lab study: warning: Ray workers on other nodes cannot reach the tracking store "
               f"{display_uri(uri)}; use an MLflow server (--tracking-uri http://HOST:5000)", file=sys.stderr)
 

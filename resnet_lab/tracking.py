@@ -27,6 +27,11 @@ from urllib.parse import urlsplit, urlunsplit
 from .errors import UserError, check_can_create
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The experiment tag MLflow's UI writes when a user picks an experiment's type, and reads to choose
+# its view (mlflow/server/js: "mlflow.experimentKind", values "custom_model_development" = Model
+# training, "genai_development" = GenAI); the lab's experiments are model training.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+READABLE_DIGITS = 12  # significant digits logged: 68.60000000000001 -> 68.6, far finer than any result
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 MAX_PARAMS_PER_BATCH = 100
 PROBE_TIMEOUT_S = 5.0  # one TCP connect to a tracking server before anything else
@@ -72,6 +77,32 @@ def absolute_uri(uri: str) -> str:
         return uri
     query = uri.partition("?")[2]
     return f"sqlite:///{db.resolve()}" + (f"?{query}" if query else "")
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server (``http(s)://``): it has its own UI, creates nothing on this machine, and
+    workers on other machines can reach it (a SQLite file or a folder is this machine's alone)."""
+    return urlsplit(uri).scheme in ("http", "https")
+
+
+def local_store(uri: str) -> Path | None:
+    """Where a local store lives: the database file of a SQLite URI, the folder of a file store
+    (``file:///abs``, ``file:rel`` or a bare path); None for a server or an in-memory database."""
+    if is_sqlite(uri):
+        return sqlite_path(uri)
+    if uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    return None
+
+
+def require_store(uri: str) -> None:
+    """A command that reads a store (ui, report, diagnose) needs it to exist already: MLflow would
+    silently create an empty SQLite file or folder, and such a command must leave nothing behind."""
+    path = local_store(uri)
+    if path is None or (path.is_file() if is_sqlite(uri) else path.is_dir()):
+        return
+    raise UserError(f"no MLflow tracking store at {display_uri(uri)} ({path} not found): run a study first "
+                    "('make depth-study'), or pass --tracking-uri / set MLFLOW_TRACKING_URI to the store it wrote")
 
 
 def display_uri(uri: str) -> str:
@@ -125,11 +156,21 @@ def system_metrics_enabled() -> bool:
 
 
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
+    """The experiment's id; created (artifacts beside a SQLite store) and marked as model training."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        mark_model_training(client, exp)
         return exp.experiment_id
     root = _artifact_root(uri)
-    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None,
+                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+
+
+def mark_model_training(client: Any, experiment: Any) -> None:
+    """Tag the experiment as a model-training one, as MLflow's UI does when a user picks its type
+    (MLflow 3 otherwise may infer "GenAI"); a no-op when it already says so."""
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
 
 
 def connect(uri: str) -> Any:
@@ -449,7 +490,7 @@ class RunTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(name, float(value), now, int(step)) for name, value, step in points]
+        metrics = [Metric(name, readable(float(value)), now, int(step)) for name, value, step in points]
         if metrics:
             self._sender.put([metrics[i:i + MAX_METRICS_PER_BATCH]
                               for i in range(0, len(metrics), MAX_METRICS_PER_BATCH)])
@@ -530,7 +571,15 @@ class RunTracker:
             return result
 
 
+def readable(value: float) -> float:
+    """``value`` at READABLE_DIGITS significant digits: the float noise of arithmetic
+    (0.0005000000000000001, 68.60000000000001) dropped, every digit a result has kept."""
+    return float(f"{value:.{READABLE_DIGITS}g}")
+
+
 def _param_value(value: Any) -> str:
+    if isinstance(value, float):
+        return str(readable(value))
     return "None" if value is None else str(value)
 
 

@@ -1,12 +1,14 @@
-"""``resnet-lab ui``: the MLflow UI on a study's store, opened on the study's runs.
+"""``resnet-lab ui``: the MLflow UI on a study's store, opened on the study's runs, read by net.
 
 Why not plain ``mlflow ui``: since MLflow 3 an experiment opens on a GenAI "traces" overview
 (every panel "No data") unless this browser once picked the "Model training" toggle; the URL
-parameter ``workflowType=machine_learning`` opens the runs view directly. This command checks
-the store and the study first (so a typo starts no server and creates no empty store), stores
-the study's view (its training runs with their final errors as columns: MLflow's shared view
-state, one experiment tag), starts MLflow's own server, waits until it answers and prints that
-URL as its first line.
+parameter ``workflowType=machine_learning`` opens the runs view directly. (MLflow 3.17's UI
+chooses that mode per browser; the experiment tag ``mlflow.experimentKind``, which the lab sets,
+is read only where MLflow's per-experiment switch is on, so a new browser shows a run's page in
+GenAI mode: the printed hint says how to make the browser remember.) This command checks the
+store and the study first (so a typo starts no server and creates no empty store), stores the
+study's view (``study_view``: MLflow's shared view state, one experiment tag), starts MLflow's own
+server, waits until it answers and prints that URL as its first line.
 """
 
 from __future__ import annotations
@@ -24,23 +26,35 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .tracking import connect, display_uri, resolve_tracking_uri
+from .studyname import study_name
+from .tracking import (connect, display_uri, is_server, mark_model_training, require_store, resolve_tracking_uri,
+                       search_all_runs)
 
 RUNS_VIEW = "workflowType=machine_learning"  # MLflow 3's query parameter for the classic runs view
 # MLflow's shared view state: the URL parameter viewStateShareKey=KEY makes the runs view take its
 # search, sort and columns from the experiment tag mlflow.sharedViewState.KEY (a JSON object).
 VIEW_KEY = "resnet-lab"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+TRAINING_RUNS = "tags.model IS NOT NULL"  # every run that trained a net (study or standalone); not a study's parent
+SECTION_ORDER = ("train", "test", "val", "final")  # chart sections first in the view, in this order
+SUMMARY_PREFIXES = ("final/", "diag/", "study/")  # logged once, at step 0: a bar per run, not a curve
+MODEL_METRICS, SYSTEM_METRICS = "Model metrics", "System metrics"  # MLflow's sections for keys without a prefix, system/*
+RUN_COLOR_TAG = "mlflow.runColor"  # the run tag MLflow's UI reads for a run's colour (and writes when a user picks one)
+PLAIN_COLORS = ("#f2a65a", "#e8743b", "#d1495b", "#a4243b", "#6b0f1a")  # light to dark, by depth
+RESNET_COLORS = ("#7cc4e8", "#2a9df4", "#1768ac", "#2e8b57", "#0b3d20")
+PORTS = range(1, 65536)
 READY_TIMEOUT_S = 180.0  # a cold MLflow server imports for 10-40 s on a busy 2-core machine
 STOP_TIMEOUT_S = 10.0
 ACCESS_OK = re.compile(r'" [23]\d\d ')  # uvicorn's access-log line of a request that succeeded: not echoed
-HINT = ('the browser remembers the "Model training" / "GenAI" toggle: without ?' + RUNS_VIEW +
-        ", MLflow may open an experiment on its GenAI overview; the URL lists the training runs "
-        "(clear the search box for the study's parent run and its report; Ctrl-C stops the server)")
+HINT = ("MLflow 3.17's UI picks \"Model training\" or \"GenAI\" per browser, not per experiment: this URL opens "
+        "the training runs grouped by net, but a run's page opens in GenAI mode until this browser has once "
+        "clicked GenAI, then Model training, in the sidebar (it remembers that). Clear the search box for the "
+        "study's parent run and its report; Ctrl-C stops the server")
 
 
 def runs_url(base: str, experiment_id: str | None) -> str:
@@ -51,38 +65,82 @@ def runs_url(base: str, experiment_id: str | None) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?{RUNS_VIEW}&viewStateShareKey={VIEW_KEY}"
 
 
-def study_view(has_val: bool) -> dict[str, Any]:
-    """The runs table a study opens on, without a click: its training runs (the parent left out,
-    so no run is folded under it), each net's seeds together (sorted by run name), and the final
-    errors, arch, depth and seed as columns (MLflow shows no metric column unprompted), and every
-    run drawn in the charts (MLflow draws the first 10 by default: 2 of the default study's 12
-    runs, and 40 of a full ``cifar10_paper`` study's 50, would be missing from every chart)."""
-    metrics = ["final/train_error", "final/test_error"] + (["final/val_error"] if has_val else [])
-    columns = ([f"metrics.`{m}`" for m in metrics] + ["params.`arch`", "params.`depth`", "tags.`seed`"])
-    return {"searchFilter": "tags.kind = 'train'", "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
-            "selectedColumns": columns, "runsHiddenMode": "SHOW_ALL"}
+def study_view(metric_keys: Iterable[str]) -> dict[str, Any]:
+    """The runs view a study opens on, without a click, read by net.
+
+    Table: every training run the lab made (study or standalone ``train``: each has a ``model``
+    tag, the study's parent run has none, so nothing is folded under it), grouped by the ``model``
+    param (a row per net, its seeds inside), with final train error before test error, arch,
+    depth and seed as columns (MLflow shows no metric column unprompted). Charts: one card per
+    metric key as MLflow would draw it, but the sections in the order a reader needs them (the
+    error curves first, diagnostics and probes after: ``section_rank``), each net drawn as its
+    seeds' mean with a min/max band, and every run drawn (MLflow draws the first 10 by default).
+    """
+    keys = sorted(set(metric_keys))
+    finals = [f"final/{s}_error" for s in ("train", "test", "val") if f"final/{s}_error" in keys]
+    columns = [f"metrics.`{m}`" for m in finals] + ["params.`arch`", "params.`depth`", "tags.`seed`"]
+    sections = sorted({chart_section(k) for k in keys}, key=section_rank)
+    charts = [{"uuid": f"resnet-lab-{key}", "type": "BAR" if key.startswith(SUMMARY_PREFIXES) else "LINE",
+               "metricKey": key, "metricSectionId": f"resnet-lab-section-{section}",
+               "isGenerated": True, "deleted": False, "runsCountToCompare": 100}
+              for section in sections
+              for key in sorted((k for k in keys if chart_section(k) == section), key=lambda k: ("error" not in k, k))]
+    return {"searchFilter": TRAINING_RUNS, "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+            "selectedColumns": columns, "columnOrder": columns, "runsHiddenMode": "SHOW_ALL",
+            "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "model"}]},
+            "useGroupedValuesInCharts": True, "hideEmptyCharts": True,
+            "compareRunSections": [{"uuid": f"resnet-lab-section-{name}", "name": name, "display": True,
+                                    "isReordered": True} for name in sections],
+            "compareRunCharts": charts, "isAccordionReordered": True}
+
+
+def chart_section(metric_key: str) -> str:
+    """The chart section MLflow files a metric key under: the key up to its last '/'; keys
+    without one go to "Model metrics", ``system/*`` to "System metrics"."""
+    section = metric_key.rpartition("/")[0]
+    return MODEL_METRICS if not section else SYSTEM_METRICS if section == "system" else section
+
+
+def section_rank(section: str) -> tuple[int, str]:
+    """Errors first (train, test, val, then the final values), the rest by name, MLflow's two
+    catch-all sections last."""
+    head = section.split("/")[0]
+    last = {MODEL_METRICS: 1, SYSTEM_METRICS: 2}.get(section, 0)
+    return (SECTION_ORDER.index(head) if head in SECTION_ORDER else len(SECTION_ORDER) + last, section)
+
+
+def net_colors(models: Iterable[str]) -> dict[str, str]:
+    """A colour per net, the same for its seeds: plain nets in reds and oranges, residual nets in
+    blues and greens, deeper nets darker, so that plain-n and ResNet-n never share a colour."""
+    out, models = {}, set(models)
+    for arch, palette in (("plain", PLAIN_COLORS), ("resnet", RESNET_COLORS)):
+        nets = sorted((m for m in models if m.startswith(f"{arch}-")), key=_depth_of)
+        for i, net in enumerate(nets):
+            spread = i * (len(palette) - 1) // max(len(nets) - 1, 1)  # few nets: far apart in the palette
+            out[net] = palette[spread] if len(nets) <= len(palette) else palette[i % len(palette)]
+    return out
+
+
+def _depth_of(model: str) -> tuple[int, str]:
+    tail = model.rpartition("-")[2]
+    return (int(tail), model) if tail.isdigit() else (0, model)
 
 
 def share_study_view(client: Any, experiment_id: str) -> None:
     """Store ``study_view`` as the experiment's shared view (one experiment tag, rewritten each
-    time, so it follows the lab's version); the user's own saved view is left alone."""
-    runs = client.search_runs([experiment_id], "tags.kind = 'train'", max_results=1)
-    has_val = bool(runs) and "final/val_error" in runs[0].data.metrics
-    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(study_view(has_val)))
-
-
-def check_store(uri: str) -> None:
-    """The store must already exist: MLflow would silently create an empty SQLite file or folder."""
-    if uri.startswith("sqlite:"):
-        name = uri.split("://", 1)[-1].split("?", 1)[0]
-        path = Path(name[1:] if name.startswith("/") else name)  # sqlite:///rel.db, sqlite:////abs.db
-        if not path.is_file():
-            raise UserError(f"no MLflow store at {path} ({uri}): run a study first ('make depth-study'), "
-                            "or pass --tracking-uri / set MLFLOW_TRACKING_URI")
-    elif uri.startswith("file:") or "://" not in uri:
-        path = Path(uri.removeprefix("file://").removeprefix("file:"))
-        if not path.is_dir():
-            raise UserError(f"no MLflow store at {path} ({uri}): run a study first, or pass --tracking-uri")
+    time, so it follows the lab's version and the metrics logged since), mark the experiment as
+    model training, and colour each training run by its net (MLflow's ``mlflow.runColor`` run
+    tag; by default MLflow picks colours by run id, and different nets often share one). The
+    user's own saved view is left alone."""
+    runs = search_all_runs(client, experiment_id, TRAINING_RUNS)
+    colors = net_colors(r.data.tags["model"] for r in runs)
+    for r in runs:
+        color = colors.get(r.data.tags["model"])
+        if color and r.data.tags.get(RUN_COLOR_TAG) != color:
+            client.set_tag(r.info.run_id, RUN_COLOR_TAG, color)
+    keys = {k for r in runs for k in r.data.metrics}
+    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(study_view(keys)))
+    mark_model_training(client, client.get_experiment(experiment_id))
 
 
 def study_experiment(client: Any, uri: str, study: str) -> str:
@@ -208,13 +266,11 @@ def serve(uri: str, host: str, port: int, experiment_id: str | None) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from analysis.report import study_name  # the report's rule: a study name, or its TOML's name / stem
-
     uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         raise UserError(f"{display_uri(uri)} is a tracking server: its UI is already there; "
                         "'resnet-lab ui' serves a local store (sqlite:///...)")
-    check_store(uri)
+    require_store(uri)
     experiment_id = None
     if args.study:
         client = connect(uri)
@@ -225,14 +281,26 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return serve(uri, args.host, args.port, experiment_id)
 
 
+def port_number(text: str) -> int:
+    """``--port``: a TCP port, 1-65535 (a socket would raise OverflowError past it)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = None
+    if port not in PORTS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 1 to 65535, e.g. 5001")
+    return port
+
+
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``ui`` on the ``resnet-lab`` subparsers."""
     p = sub.add_parser("ui", help="start the MLflow UI on a study's store and print the URL of its runs",
                        description="Start MLflow's server on the study's store and print, as the first line, "
                                    "the URL of the study's runs view. Ctrl-C stops it.")
     p.add_argument("study", nargs="?", metavar="STUDY_FILE",
-                   help="study TOML file or study name (default: print the experiment list's URL)")
-    p.add_argument("--port", type=int, default=5000, help="port to serve on (default 5000)")
+                   help="study TOML file, study name or experiment name (e.g. resnet_lab, where 'train' logs by "
+                        "default); default: print the experiment list's URL")
+    p.add_argument("--port", type=port_number, default=5000, help="port to serve on, 1-65535 (default 5000)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.set_defaults(func=cmd_ui)

@@ -469,7 +469,7 @@ def test_no_runs_and_missing_experiment_are_user_errors(store: dict) -> None:
 
 def test_cli_no_runs_exits_2_with_one_line_and_writes_nothing(store: dict, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from resnet_lab.cli import main
+    from resnet_lab_command import main
 
     client = MlflowClient(store["uri"])
     exp_id = _empty_study(store["uri"])

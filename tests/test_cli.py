@@ -10,7 +10,7 @@ import pytest
 import torchvision
 
 import resnet_lab.data as data_mod
-from resnet_lab.cli import main
+from resnet_lab_command import main
 
 TRAIN = ["train", "--dataset", "synthetic", "--model", "resnet-8", "--iterations", "10", "--no-progress"]
 
@@ -114,7 +114,7 @@ def test_console_script_help_for_every_subcommand(capsys: pytest.CaptureFixture[
 def test_building_the_command_line_imports_no_torch() -> None:
     """``resnet-lab ui`` and ``--help`` start without importing torch (6 s of a 2-core machine's
     start-up): only a command that trains, describes or diagnoses imports it."""
-    code = ("import sys; from resnet_lab.cli import make_parser; make_parser().parse_args(['ui']); "
+    code = ("import sys; from resnet_lab_command import make_parser; make_parser().parse_args(['ui']); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -127,3 +127,51 @@ def test_the_report_imports_no_torch() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["describe", "resnet-20", "--resize", "-8"], "resize must be a positive integer, got -8"),
+    (["describe", "resnet-20", "--resize", "0"], "resize must be a positive integer, got 0"),  # once silently ignored
+    (["describe", "resnet-20", "--dataset", "mnist"], "unknown dataset"),
+    (["ui", "--port", "99999"], "'99999' is not a port"),  # once an OverflowError traceback
+    (["ui", "--port", "-1"], "'-1' is not a port"),
+    (["ui", "--port", "http"], "'http' is not a port"),
+])
+def test_describe_and_ui_refuse_bad_sizes_and_ports_in_one_line(args: list[str], expected: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``describe`` checks its size and dataset as ``train`` does; a port outside 1-65535 is refused
+    before anything starts."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_describe_defaults_to_the_dataset_train_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    from resnet_lab.config import TrainConfig
+
+    assert main(["describe", "resnet-8"]) == 0
+    assert f"on {TrainConfig().dataset} " in capsys.readouterr().out.splitlines()[0]
+
+
+def test_help_config_says_what_every_field_means(capsys: pytest.CaptureFixture[str]) -> None:
+    """One line per config field, each with a description; switches show their choices as the README
+    writes them (compile auto|true|false)."""
+    from dataclasses import fields
+
+    from resnet_lab.config import TrainConfig
+
+    assert main(["train", "--help-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [f.name for f in fields(TrainConfig)]
+    assert [ln.split()[0] for ln in lines] == names
+    by_name = {ln.split()[0]: ln for ln in lines}
+    assert all(len(ln.split("default", 1)[1].split()) >= 3 for ln in lines)  # a value, then words saying what it is
+    assert by_name["compile"].split()[1:4] == ["auto|true|false", "default", "auto"]
+    assert "gradient-norm" in by_name["grad_every"] and "validation" in by_name["val_size"]
+
+
+def test_every_train_flag_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED initial weights, data order and augmentation" in out

@@ -28,7 +28,8 @@ from mlflow import MlflowClient
 import resnet_lab.train as train_mod
 from resnet_lab.checkpoint import checkpoint_path
 from resnet_lab.checkpoint import load as load_checkpoint
-from resnet_lab.cli import build_config, main, make_parser
+from resnet_lab.cli import build_config, make_parser
+from resnet_lab_command import main
 from resnet_lab.config import TrainConfig
 from resnet_lab.data import load_dataset
 from resnet_lab.errors import UserError

@@ -89,3 +89,24 @@ def test_a_deferred_import_cycle_is_found(tmp_path: Path) -> None:
     assert find_cycle(graph) == ["resnet_lab.a", "resnet_lab.sub.b", "resnet_lab.a"]
     (pkg / "sub" / "b.py").write_text("def f():\n    return 1\n")
     assert find_cycle(import_graph(pkg)) is None
+
+
+def test_resnet_lab_never_imports_analysis() -> None:
+    """Packages in one direction: ``analysis`` reads what the library logs, the library never imports
+    ``analysis`` (anywhere in a file: top level, in a function, under TYPE_CHECKING). The command that
+    writes reports is registered from above, in ``resnet_lab_command``."""
+    offenders = {}
+    for module, path in module_names(PACKAGE).items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets.add(node.module)
+        if hits := sorted(t for t in targets if t.split(".")[0] == "analysis"):
+            offenders[module] = hits
+    assert not offenders, f"resnet_lab imports analysis: {offenders}"
+    from resnet_lab_command import make_parser  # the console script: report is registered from above
+
+    assert make_parser().parse_args(["report", "some_study"]).study == "some_study"
+

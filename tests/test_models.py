@@ -136,12 +136,13 @@ def test_layer_names_are_stable_and_readable() -> None:
 
 
 def test_describe_prints_the_layer_table_and_parameter_count(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["describe", "resnet-56"]) == 0
+    assert main(["describe", "resnet-56", "--dataset", "cifar10"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == "parameters: 853018"
     assert any(line.startswith("stage3.block8.conv2") and "64x8x8" in line for line in out)
-    assert main(["describe", "plain-20", "--dataset", "fashion-mnist"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"parameters: {269_722 - 2 * 16 * 9}"
+    assert main(["describe", "plain-20"]) == 0  # train's dataset by default: Fashion-MNIST, one input channel
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "on fashion-mnist 1x28x28" in out[0] and out[-1] == f"parameters: {269_722 - 2 * 16 * 9}"
 
 
 def test_describe_rejects_bad_depth_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -42,8 +42,8 @@ from ..data import Dataset, load_dataset
 from ..device import auto_scale, select_device
 from ..errors import UserError
 from ..models import ResNet, build_model
-from ..tracking import (absolute_uri, connect, display_uri, no_download_bars, resolve_tracking_uri, search_all_runs,
-                        sqlite_path)
+from ..tracking import (absolute_uri, connect, no_download_bars, readable, require_store, resolve_tracking_uri,
+                        search_all_runs)
 from . import settings as S
 from .common import BN_IMAGES, CURVATURE_IMAGES, LANDSCAPE_IMAGES, LESION_IMAGES, SHATTERING_IMAGES, subset
 from .curvature import curvature
@@ -211,7 +211,7 @@ def log_diagnostic(client: Any, run_id: str, name: str, table: pd.DataFrame, met
         table.to_parquet(path, index=False)
         client.log_artifact(run_id, str(path), "diagnostics")
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+    client.log_batch(run_id, metrics=[Metric(k, readable(float(v)), now, 0) for k, v in metrics.items()],
                      tags=[RunTag(tag_key(name), settings_hash)], synchronous=True)
 
 
@@ -220,10 +220,7 @@ def log_diagnostic(client: Any, run_id: str, name: str, table: pd.DataFrame, met
 
 def open_store(uri: str) -> Any:
     """A client for an existing store: a SQLite file that is not there is an error (connecting would create it)."""
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
-        raise UserError(f"no MLflow tracking store at {display_uri(uri)} (file {db} not found): run the study "
-                        "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI to the store it wrote")
+    require_store(uri)
     return connect(uri)
 
 
