@@ -25,13 +25,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="plain-N / resnet-N, N = 6n+2 (CIFAR family) or 18/34 (ImageNet family)")
-    p.add_argument("--dataset", help="fashion-mnist, cifar10 or synthetic")
+    p.add_argument("--dataset", help="fashion-mnist, cifar10, cifar100 or synthetic")
     # read as --set reads them (config.apply), so 1e5 works and one bound applies either way
     p.add_argument("--iterations", help="training iterations (replaces epochs)")
     p.add_argument("--epochs", help="training epochs, the d2l form (replaces iterations)")
     p.add_argument("--seed", type=int, help="initial weights, data order and augmentation (default 0); "
                                             "plain-n and resnet-n of one seed start alike and see the same batches")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--device", help="auto (default: cuda, else mps, else cpu), cpu, mps, cuda or cuda:N")
     p.add_argument("--data-dir", help="directory with the dataset's original files")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment name (default resnet_lab)")
@@ -93,11 +93,11 @@ def cmd_describe(args: argparse.Namespace) -> int:
     given = {k: v for k, v in {"dataset": args.dataset, "resize": args.resize, "shortcut": args.shortcut}.items()
              if v is not None}
     cfg = TrainConfig(model=args.model, **given).validate()
-    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "synthetic": (1, 28, 28)}
+    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic": (1, 28, 28)}
     c, h, w = shapes[cfg.dataset]
     if cfg.resize is not None:
         h = w = cfg.resize
-    model = build_model(cfg.model, in_channels=c, num_classes=10, shortcut=cfg.shortcut)
+    model = build_model(cfg.model, in_channels=c, num_classes=100 if cfg.dataset == "cifar100" else 10, shortcut=cfg.shortcut)
     rows = layer_table(model, (c, h, w))
     width = max(len(r[0]) for r in rows)
     print(f"{model.spec.name} ({model.spec.arch}, shortcut {model.shortcut_option if model.spec.residual else 'none'}) "
@@ -106,6 +106,13 @@ def cmd_describe(args: argparse.Namespace) -> int:
     for name, kind, shape, params in rows:
         print(f"{name:{width}s}  {kind:16s} {'x'.join(map(str, shape)):>14s} {params:9,d}")
     print(f"parameters: {count_parameters(model)}")
+    return 0
+
+
+def cmd_check_device(args: argparse.Namespace) -> int:
+    from .devicecheck import check_device
+
+    print(check_device(args.device))
     return 0
 
 
@@ -123,6 +130,10 @@ def make_parser(commands: Sequence[AddParser] = ()) -> argparse.ArgumentParser:
     p.add_argument("--resize", type=int, help="input size in pixels, e.g. 96 or 224 for the ImageNet family")
     p.add_argument("--shortcut", choices=["A", "B", "C"], help="shortcut option (default: family default)")
     p.set_defaults(func=cmd_describe)
+    p = sub.add_parser("check-device", help="one training step on the GPU (cuda/mps) against the CPU's: "
+                                            "refuse a device that computes wrong gradients")
+    p.add_argument("--device", default="auto", help="auto (default: cuda, else mps, else cpu), mps, cuda or cuda:N")
+    p.set_defaults(func=cmd_check_device)
     from . import study_command, ui
     from .diagnostics import command as diagnose
 

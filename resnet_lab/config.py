@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DATASETS
+from .device import accelerator, check_device_name
 from .errors import UserError
 from .models import SHORTCUTS, canonical_name, parse_model_name
 from .speed import COMPILE_MODES, PRECISIONS, cxx_missing
@@ -75,7 +76,7 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     # run
     seed: int = 0
-    device: str = "auto"  # auto / cpu / cuda / cuda:N
+    device: str = "auto"  # auto (cuda, else mps, else cpu: resnet_lab.device) / cpu / mps / cuda / cuda:N
     # fp32 / bf16 autocast; auto = bf16 where the device computes it natively (resnet_lab.speed)
     precision: str = "auto"
     # torch.compile the model for the training step: true / false, or unset (auto: where it pays
@@ -190,12 +191,6 @@ def check_experiment_name(name: object, what: str) -> None:
                         f"experiment), got {name!r}")
 
 
-def check_device_name(name: str) -> None:
-    """The form of a device name (whether that GPU exists is ``train.select_device``'s question)."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-
-
 def _positive(cfg: TrainConfig, name: str) -> None:
     value = getattr(cfg, name)
     if value is None or value <= 0:
@@ -209,7 +204,7 @@ def _check_compile(device: str) -> None:
 
     if not is_dynamo_supported():
         raise UserError("compile=true: torch.compile does not support this Python/torch; use --set compile=false")
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    on_cpu = device == "cpu" or (device == "auto" and accelerator() == "cpu")
     cxx = cxx_missing()
     if on_cpu and cxx is not None:
         raise UserError(f"compile=true on CPU needs a C++ compiler ({cxx!r} not found; set CXX or install g++), "

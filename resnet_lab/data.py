@@ -15,7 +15,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,12 +23,15 @@ import torch.nn.functional as F
 
 from resnet_lab.errors import UserError
 
-DATASETS = ("fashion-mnist", "cifar10", "synthetic")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "synthetic": 10}
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # `apt-get install dataset-fashion-mnist`
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR_DIRNAME = "cifar-10-batches-py"
 CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+CIFAR100_DIRNAME = "cifar-100-python"  # the official archive's folder, as torchvision unpacks it
+CIFAR100_FILES = ("train", "test", "meta")
 SYNTHETIC_SIZES = (2048, 512)  # train, test: big enough to learn, small enough to build in milliseconds
 
 
@@ -132,32 +135,51 @@ def _read_fashion(files: list[Path]) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
-def _cifar_dir(directory: Path) -> Path | None:
-    """`directory` itself or its cifar-10-batches-py child, whichever holds the batch files."""
-    for d in (directory, directory / CIFAR_DIRNAME):
-        if all((d / name).is_file() for name in CIFAR_FILES):
+def _cifar_dir(directory: Path, dirname: str = CIFAR_DIRNAME, files: tuple[str, ...] = CIFAR_FILES) -> Path | None:
+    """`directory` itself or its cifar-10-batches-py (cifar-100-python) child, whichever holds the files."""
+    for d in (directory, directory / dirname):
+        if all((d / name).is_file() for name in files):
             return d
     return None
 
 
-def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CIFAR-10 python pickle → (uint8 [N,3,32,32], int64 [N]).
+def _cifar100_dir(directory: Path) -> Path | None:
+    return _cifar_dir(directory, CIFAR100_DIRNAME, CIFAR100_FILES)
 
-    Parsed here rather than with torchvision's CIFAR10, which md5-checks every file against
-    the official release and so rejects any other valid copy (e.g. the tests' small files).
-    """
+
+def _unpickle(path: Path, what: str) -> dict:
     try:
         with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")  # keys are bytes in the original py2 pickles
-        data = np.asarray(batch[b"data"] if b"data" in batch else batch["data"])
-        labels = np.asarray(batch[b"labels"] if b"labels" in batch else batch["labels"], dtype=np.int64)
+            return pickle.load(f, encoding="bytes")  # keys are bytes in the original py2 pickles
     except Exception as e:  # unpickling garbage can raise almost any exception type
-        raise UserError(f"{path} is not a readable CIFAR-10 pickle ({type(e).__name__}); re-download it") from e
+        raise UserError(f"{path} is not a readable {what} pickle ({type(e).__name__}); re-download it") from e
+
+
+def _field(batch: object, key: str, path: Path, what: str) -> object:
+    if not isinstance(batch, dict) or not ({key, key.encode()} & batch.keys()):
+        raise UserError(f"{path} is not a readable {what} pickle (no {key!r}); re-download it")
+    return batch[key.encode()] if key.encode() in batch else batch[key]
+
+
+def _read_cifar_batch(path: Path, label_key: str = "labels", classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR python pickle → (uint8 [N,3,32,32], int64 [N]); CIFAR-100's labels are
+    ``fine_labels`` (100 classes; ``coarse_labels`` are its 20 superclasses).
+
+    Parsed here rather than with torchvision's CIFAR10/100, which md5-check every file against
+    the official release and so reject any other valid copy (e.g. the tests' small files).
+    """
+    what = "CIFAR-10" if classes == 10 else "CIFAR-100"
+    batch = _unpickle(path, what)
+    try:
+        data = np.asarray(_field(batch, "data", path, what))
+        labels = np.asarray(_field(batch, label_key, path, what), dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a readable {what} pickle ({type(e).__name__}); re-download it") from e
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
         raise UserError(f"{path} has data {data.dtype} {data.shape} and {labels.shape} labels, expected "
                         "uint8 [N, 3072] and N labels; re-download it")
-    if len(labels) and not 0 <= labels.min() <= labels.max() <= 9:
-        raise UserError(f"{path} has labels outside 0..9; re-download it")
+    if len(labels) and not 0 <= labels.min() <= labels.max() <= classes - 1:
+        raise UserError(f"{path} has labels outside 0..{classes - 1}; re-download it")
     # Each row is 1024 R, then 1024 G, then 1024 B values, each plane row-major: exactly [3, 32, 32].
     return torch.from_numpy(data.copy()).view(-1, 3, 32, 32), torch.from_numpy(labels)
 
@@ -166,6 +188,16 @@ def _read_cifar(directory: Path) -> tuple[Split, Split]:
     train = [_read_cifar_batch(directory / name) for name in CIFAR_FILES[:5]]
     test = _read_cifar_batch(directory / CIFAR_FILES[5])
     return Split(torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])), Split(*test)
+
+
+def _read_cifar100(directory: Path) -> tuple[Split, Split]:
+    """``train``, ``test`` (fine labels) and ``meta``, whose 100 ``fine_label_names`` say it is CIFAR-100."""
+    meta = directory / "meta"
+    names = _field(_unpickle(meta, "CIFAR-100 meta"), "fine_label_names", meta, "CIFAR-100 meta")
+    if not isinstance(names, list) or len(names) != 100:
+        raise UserError(f"{meta} does not name 100 fine classes, so this is not CIFAR-100; re-download it")
+    train, test = (_read_cifar_batch(directory / name, "fine_labels", 100) for name in ("train", "test"))
+    return Split(*train), Split(*test)
 
 
 def _synthetic(seed: int) -> tuple[Split, Split]:
@@ -203,48 +235,68 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where a file-backed dataset's original files are looked for, and how they are read."""
+
+    title: str  # as people write it, for messages
+    env: str  # the environment variable naming its directory
+    find: Callable[[Path], object | None]  # a directory -> what ``read`` takes, or None
+    read: Callable[[object], tuple[Split, Split]]
+    expected: str  # the files a directory must hold, for messages
+    torchvision: str  # the torchvision dataset class that downloads it
+    cache: str  # where torchvision puts it, under data_root
+
+
+_SOURCES = {
+    "fashion-mnist": _Source("Fashion-MNIST", "FASHION_MNIST_DIR", _fashion_files, _read_fashion,
+                             ", ".join(f"{n}[.gz]" for n in FASHION_FILES), "FashionMNIST", "FashionMNIST/raw"),
+    "cifar10": _Source("CIFAR-10", "CIFAR10_DIR", _cifar_dir, _read_cifar,
+                       f"{', '.join(CIFAR_FILES)} (in it or in its {CIFAR_DIRNAME}/)", "CIFAR10", ""),
+    "cifar100": _Source("CIFAR-100", "CIFAR100_DIR", _cifar100_dir, _read_cifar100,
+                        f"{', '.join(CIFAR100_FILES)} (in it or in its {CIFAR100_DIRNAME}/)", "CIFAR100", ""),
+}
+
+
 def _locate(name: str, data_dir: str | Path | None, data_root: Path, download: bool) -> tuple[Split, Split, str]:
     """Try the sources in order (explicit dir, torchvision cache, Debian, download); first hit wins."""
+    src = _SOURCES[name]
     fashion = name == "fashion-mnist"
-    env = "FASHION_MNIST_DIR" if fashion else "CIFAR10_DIR"
-    find, read = (_fashion_files, _read_fashion) if fashion else (_cifar_dir, _read_cifar)
-    explicit = data_dir if data_dir is not None else os.environ.get(env) or None
+    explicit = data_dir if data_dir is not None else os.environ.get(src.env) or None
     if explicit is not None:
-        hit = find(Path(explicit))
+        hit = src.find(Path(explicit))
         if hit is None:
-            expected = ", ".join(f"{n}[.gz]" for n in FASHION_FILES) if fashion else \
-                f"{', '.join(CIFAR_FILES)} (in it or in its {CIFAR_DIRNAME}/)"
-            origin = "--data-dir" if data_dir is not None else env
-            raise UserError(f"{origin} {explicit} does not hold the {name} files: expected {expected}")
-        return *read(hit), str(Path(explicit).resolve())
+            origin = "--data-dir" if data_dir is not None else src.env
+            raise UserError(f"{origin} {explicit} does not hold the {name} files: expected {src.expected}")
+        return *src.read(hit), str(Path(explicit).resolve())
 
-    cache = data_root / "FashionMNIST" / "raw" if fashion else data_root
+    cache = data_root / src.cache
     candidates = [cache] + ([DEBIAN_FASHION_MNIST_DIR] if fashion else [])
     for directory in candidates:
-        hit = find(directory)
+        hit = src.find(directory)
         if hit is not None:
-            return *read(hit), str(directory.resolve())
+            return *src.read(hit), str(directory.resolve())
 
     reason = "download disabled"
     if download:
         import torchvision  # here, not at the top: importing it costs seconds of every command's start
 
         try:
-            cls = torchvision.datasets.FashionMNIST if fashion else torchvision.datasets.CIFAR10
-            cls(str(data_root), train=True, download=True)
-            hit = find(cache)
+            getattr(torchvision.datasets, src.torchvision)(str(data_root), train=True, download=True)
+            hit = src.find(cache)
             if hit is not None:
-                return *read(hit), f"torchvision download into {cache}"
+                return *src.read(hit), f"torchvision download into {cache}"
             reason = f"no files in {cache} after download"
         except UserError:
             raise
         except Exception as e:  # network, disk, or torchvision's own checksum failures
             reason = f"failed: {_short(e)}"
     if fashion:
-        raise UserError(f"Fashion-MNIST not found: pass --data-dir DIR or set {env}, put torchvision's files "
+        raise UserError(f"Fashion-MNIST not found: pass --data-dir DIR or set {src.env}, put torchvision's files "
                         f"under {cache}, run 'sudo apt-get install dataset-fashion-mnist', "
                         f"or allow the download ({reason})")
-    raise UserError(f"CIFAR-10 not found: pass --data-dir DIR or set {env} (a {CIFAR_DIRNAME} directory), "
+    dirname = CIFAR_DIRNAME if name == "cifar10" else CIFAR100_DIRNAME
+    raise UserError(f"{src.title} not found: pass --data-dir DIR or set {src.env} (a {dirname} directory), "
                     f"put it under {data_root}, or allow the download ({reason})")
 
 
@@ -353,7 +405,7 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, data_root: st
     if height != width:
         raise UserError(f"{name} images are {height}x{width}; only square images are supported")
     mean, std = channel_stats(train.images)
-    return Dataset(name=name, train=train, test=test, val=val, num_classes=10, in_channels=channels,
+    return Dataset(name=name, train=train, test=test, val=val, num_classes=NUM_CLASSES[name], in_channels=channels,
                    image_size=height, mean=mean, std=std, source=source)
 
 

@@ -1,4 +1,5 @@
-"""How a study's runs are executed: inline, in spawned worker processes, or as Ray tasks.
+"""How a study's runs are executed: inline, in spawned worker processes, as Ray tasks, or as a
+submitit job array (SLURM).
 
 Each launcher hands every run to ``train_run``, which trains it (``train.train``) and turns
 whatever happened into an ``Outcome``; the outcome goes to ``on_done`` in the parent process,
@@ -20,11 +21,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from . import slurm
 from .config import TrainConfig
 from .errors import UserError
 from .models import parse_model_name
@@ -372,3 +375,117 @@ class RayLauncher:
             for ref in in_flight:
                 ray.cancel(ref)  # KeyboardInterrupt in the task: train marks its run KILLED
             raise
+
+
+# ---------------------------------------------------------------- submitit (--launcher submitit)
+
+class TrainTask:
+    """One array task: train one run of the study; requeued on preemption or time limit."""
+
+    def __init__(self, run: Any, parent_id: str, tags: dict[str, str]) -> None:
+        self.run, self.parent_id, self.tags = run, parent_id, tags
+        self.requeued = False
+
+    def __call__(self) -> Any:
+        if self.requeued:
+            self._settle_unresumable()
+        return train_run(self.run, self.run.cfg, self.parent_id, self.tags, interrupted="interrupted (job cancelled)")
+
+    def checkpoint(self) -> Any:
+        """submitit's hook on preemption or time limit: resubmit this task as it is. The rerun resumes
+        the run from its last checkpoint file (``train.train``), in the same MLflow run."""
+        import submitit
+
+        self.requeued = True
+        return submitit.helpers.DelayedSubmission(self)
+
+    def _settle_unresumable(self) -> None:
+        """After a requeue: a RUNNING run of this config under this study that no checkpoint names was
+        stopped before its first checkpoint; it ends KILLED (the study's rule for such runs) and the
+        run trains afresh, so the store keeps one live run per config."""
+        from mlflow import MlflowClient
+
+        from .checkpoint import load as load_checkpoint
+        from .train import checkpoint_path
+
+        cfg = self.run.cfg
+        path = checkpoint_path(cfg)
+        try:
+            named = load_checkpoint(path).get("run_id") if path is not None and path.exists() else None
+        except UserError:
+            named = None
+        client = MlflowClient(cfg.tracking_uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            return
+        for r in client.search_runs([experiment.experiment_id], f"tags.config_hash = '{self.run.config_hash}'"):
+            if (r.info.status == "RUNNING" and r.info.run_id != named
+                    and r.data.tags.get("mlflow.parentRunId") == self.parent_id):
+                client.set_tag(r.info.run_id, "failure_reason", "preempted before its first checkpoint; the "
+                               "requeued task trained the config afresh")
+                client.set_terminated(r.info.run_id, "KILLED")
+
+
+class SubmititLauncher:
+    """Submits a study's runs as one job array on ``cluster`` and waits for it."""
+
+    def __init__(self, cluster: str, settings: slurm.Settings, wait: bool = True,
+                 poll_s: float | None = None) -> None:
+        try:
+            import submitit
+        except ImportError:
+            raise UserError("--launcher submitit needs submitit, an optional extra: pip install '.[slurm]'") from None
+        self.submitit, self.cluster, self.settings, self.wait = submitit, cluster, settings, wait
+        self.poll_s = poll_s if poll_s is not None else (30.0 if cluster == "slurm" else 1.0)
+        self.jobs: list[Any] = []
+
+    def describe(self) -> str:
+        s = self.settings
+        where = f"partition {s.partition}" if s.partition else "the default partition"
+        return (f"submitit on {self.cluster}: one array task per run on {where}, {s.gpus_per_task} GPU(s) and "
+                f"{s.time_min} min per task, {s.array_parallelism} at once")
+
+    def slots(self, runs: int) -> int:
+        return max(1, min(runs, self.settings.array_parallelism))
+
+    def executor(self, study_name: str) -> Any:
+        folder = Path(self.settings.folder) / study_name / "%j"
+        executor = self.submitit.AutoExecutor(folder=str(folder), cluster=self.cluster)
+        executor.update_parameters(name=f"resnet-lab-{study_name}", **self.settings.executor_parameters(self.cluster))
+        return executor
+
+    def run(self, study_name: str, runs: list[Any], parent_id: str, tags: dict[str, str], reporter: Any,
+            on_done: Any) -> list[str]:
+        """Submit every run as one array; unless ``--no-wait``, report each outcome as its task ends.
+        Returns the job ids."""
+        if not runs:
+            return []
+        executor = self.executor(study_name)
+        with executor.batch():  # one sbatch --array for all of them
+            futures = [executor.submit(TrainTask(run, parent_id, tags)) for run in runs]
+        self.jobs = futures
+        submitted(self.jobs, runs)
+        for run, job in zip(runs, futures):
+            reporter.started(run, f"{self.cluster} job {job.job_id}", verb="submitted as")
+        if not self.wait:
+            return [j.job_id for j in futures]
+        started = time.perf_counter()
+        by_job = {id(job): run for job, run in zip(futures, runs)}
+        try:
+            for job in self.submitit.helpers.as_completed(futures, poll_frequency=self.poll_s):
+                run = by_job[id(job)]
+                try:
+                    outcome = job.result()
+                except Exception as e:  # noqa: BLE001 - the task failed or was not requeued: the run failed
+                    outcome = Outcome(run, "FAILED", None, {}, _reason(e), time.perf_counter() - started)
+                on_done(outcome)
+        except KeyboardInterrupt:
+            for job in futures:  # Ctrl-C of a waiting study stops its array (--no-wait leaves it running)
+                if not job.done():
+                    job.cancel(check=False)  # the task's run ends KILLED, its checkpoint stays for a rerun
+            raise
+        return [j.job_id for j in futures]
+
+
+def submitted(jobs: list[Any], runs: list[Any]) -> None:
+    """Called once the array is submitted (the tests use it to interrupt a task mid-run)."""

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .device import sum_dtype
 from .models import ResNet, device_of
 
 HEAD_INPUT = "head/input"
@@ -218,16 +219,16 @@ def layer_responses(model: ResNet, batches: Iterable[Batch]) -> list[tuple[str, 
     """Std of each 3x3 conv's output after BN, before ReLU/addition (He et al. Fig. 7).
 
     Eval mode, no grad, fp32. The std is over every element of every batch (unbiased,
-    like ``torch.std``), from float64 sum / sum of squares kept on the device.
+    like ``torch.std``), from float64 sum / sum of squares kept on the device (float32 on MPS).
     """
     layers = response_layers(model)
     device = device_of(model)
-    acc = torch.zeros(len(layers), 2, dtype=torch.float64, device=device)  # sum, sum of squares
+    acc = torch.zeros(len(layers), 2, dtype=sum_dtype(device), device=device)  # sum, sum of squares
     counts = [0] * len(layers)  # element counts are shapes, known on the host
 
     def make_hook(i: int) -> Callable[..., None]:
         def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
-            o = out.detach().double()
+            o = out.detach().to(acc.dtype)
             acc[i] += torch.stack([o.sum(), (o * o).sum()])
             counts[i] += o.numel()
         return hook
@@ -242,7 +243,7 @@ def layer_responses(model: ResNet, batches: Iterable[Batch]) -> list[tuple[str, 
             h.remove()
     if counts[0] < 2:
         raise UserError("layer_responses needs at least one batch; pass the test set or a fixed subset of it")
-    n = torch.tensor(counts, dtype=torch.float64, device=device)
+    n = torch.tensor(counts, dtype=acc.dtype, device=device)
     var = (acc[:, 1] - acc[:, 0] ** 2 / n) / (n - 1)
     return list(zip([name for name, _ in layers], var.clamp_min(0).sqrt().tolist()))  # one host read
 

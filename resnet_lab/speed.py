@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UserError
+
 PRECISIONS = ("auto", "fp32", "bf16")
 # "reduce-overhead": inductor plus CUDA graphs over the step (one graph launch instead of ~25 kernel
 # launches per block); "auto": reduce-overhead on CUDA, default elsewhere (CUDA graphs are CUDA only).
@@ -48,11 +50,14 @@ _log = logging.getLogger(__name__)
 def native_bf16(device: torch.device) -> bool:
     """Does this device compute bf16 natively (so bf16 autocast is faster, not emulated)?
 
-    CUDA: what torch reports (Ampere and later). CPU: AMX tiles or AVX512-BF16, as torch
-    reports them; elsewhere (e.g. AVX2-only CPUs) bf16 is converted to fp32 around every op.
+    CUDA: what torch reports (Ampere and later). MPS: bf16 needs macOS 14 (Metal 3.1); before it
+    the MPS build refuses bf16 tensors. CPU: AMX tiles or AVX512-BF16, as torch reports them;
+    elsewhere (e.g. AVX2-only CPUs) bf16 is converted to fp32 around every op.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        return mps_bf16()
     if device.type != "cpu":
         return False
     forced = os.environ.get(CPU_BF16_ENV, "").strip()
@@ -64,6 +69,11 @@ def native_bf16(device: torch.device) -> bool:
 def cpu_bf16_units() -> bool:
     """This CPU's own answer (AMX tiles or AVX512-BF16), whatever ``RESNET_LAB_CPU_BF16`` says."""
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def mps_bf16() -> bool:
+    """Does this MPS build compute bf16 (macOS 14 or newer)?"""
+    return bool(torch.backends.mps.is_macos_or_newer(14, 0))
 
 
 def cxx_missing() -> str | None:
@@ -109,7 +119,10 @@ def plan(device: torch.device, precision: str, compile: bool | None, iterations:
 
 
 def choose_precision(device: torch.device, asked: str) -> str:
-    """``auto``: bf16 autocast where the device computes bf16 natively, fp32 elsewhere."""
+    """``auto``: bf16 autocast where the device computes bf16 natively, fp32 elsewhere. bf16 asked
+    for on an MPS build without it is refused (its autocast would fail at the first step)."""
+    if asked == "bf16" and device.type == "mps" and not mps_bf16():
+        raise UserError("precision=bf16 on MPS needs macOS 14 or newer; use --set precision=fp32 (or auto)")
     if asked != "auto":
         return asked
     return "bf16" if native_bf16(device) else "fp32"
@@ -122,8 +135,11 @@ def choose_memory_format(device: torch.device) -> torch.memory_format:
     and resnet-56 at batch 128 and resnet-20 at 64 (resnet-56 at 64: 1.06x, inside its noise; none
     slower; docs/benchmarks.md). A device kind measured slower in
     channels_last gets its exception here.
+
+    MPS: contiguous, for correctness rather than speed: BatchNorm's backward computes wrong
+    gradients for channels_last inputs there (PyTorch issue 175189, open).
     """
-    return torch.channels_last
+    return torch.contiguous_format if device.type == "mps" else torch.channels_last
 
 
 def choose_compile(device: torch.device, asked: bool | None, iterations: int) -> bool:

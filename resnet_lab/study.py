@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import launch
+from . import launch, slurm
 from .checkpoint import checkpoint_path
 from .checkpoint import load as load_checkpoint
 from .config import TrainConfig
 from .data import check_sizes, load_dataset
+from .device import accelerator, auto_scale, visible_gpus
+from .devicecheck import check_device
 from .errors import UserError
 from .launch import Outcome, Reporter
 from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
@@ -215,10 +215,10 @@ def parse_devices(text: str | None) -> list[str] | None:
         raise UserError(f"--devices expects GPU indices like 0,1, got {text!r}")
     if len(set(items)) < len(items):
         raise UserError(f"--devices lists a GPU twice: {text!r}")
-    if not torch.cuda.is_available():
+    count = len(visible_gpus())
+    if not count:
         raise UserError(f"--devices {text} asks for GPUs but CUDA is not available here; leave --devices out "
-                        "to train on CPU")
-    count = torch.cuda.device_count()
+                        f"to train on {accelerator()}")
     bad = [t for t in items if int(t) >= count]
     if bad:
         raise UserError(f"--devices {text}: GPU {bad[0]} does not exist, this machine has {count} (0..{count - 1})")
@@ -226,12 +226,22 @@ def parse_devices(text: str | None) -> list[str] | None:
 
 
 def _check_options(scale: str, jobs: int | None, devices: str | None, launcher: str, address: str | None,
-                   gpus_per_run: float | None) -> float:
+                   gpus_per_run: float | None, cluster: str | None = None) -> float:
     """The study command's options, each against the others; returns the GPUs per Ray run."""
     if scale not in ("auto", *SCALES):
         raise UserError(f"--scale must be auto, cpu or full, got {scale!r}")
-    if launcher not in ("local", "ray"):
-        raise UserError(f"--launcher must be local or ray, got {launcher!r}")
+    if launcher not in ("local", "ray", "submitit"):
+        raise UserError(f"--launcher must be local, ray or submitit, got {launcher!r}")
+    if launcher == "submitit":
+        if cluster not in slurm.CLUSTERS:
+            raise UserError(f"--cluster must be one of {', '.join(slurm.CLUSTERS)}, got {cluster!r}")
+        if devices is not None or jobs is not None or address is not None or gpus_per_run is not None:
+            raise UserError("--devices, --jobs, --address and --gpus-per-run are for the local and ray launchers; "
+                            "with --launcher submitit each run is one array task (see --gpus-per-task, "
+                            "--array-parallelism)")
+        return 1.0
+    if cluster is not None:
+        raise UserError("--cluster is for --launcher submitit")
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     if launcher == "ray" and devices is not None:
@@ -247,15 +257,26 @@ def _check_options(scale: str, jobs: int | None, devices: str | None, launcher: 
 
 def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None, devices: str | None = None,
               launcher: str = "local", address: str | None = None, gpus_per_run: float | None = None,
-              tracking_uri: str | None = None, progress: bool = True, dry_run: bool = False) -> StudyResult | None:
+              tracking_uri: str | None = None, progress: bool = True, dry_run: bool = False,
+              cluster: str | None = None, slurm_flags: dict[str, Any] | None = None,
+              wait: bool = True) -> StudyResult | None:
     """Validate, get the data, open the parent run, train what is not done yet, report.
 
     Every UserError (bad file, bad option, missing data, unreachable store) is raised before
-    the MLflow store, experiment or parent run is created.
+    the MLflow store, experiment or parent run is created. ``launcher="submitit"`` submits the
+    runs as one job array on ``cluster`` (``resnet_lab.slurm``; ``slurm_flags`` over the file's
+    ``[slurm]`` table), and without ``wait`` returns once it is submitted.
     """
-    gpus_per_run = _check_options(scale, jobs, devices, launcher, address, gpus_per_run)
+    if launcher == "submitit":
+        cluster = cluster or "slurm"
+    gpus_per_run = _check_options(scale, jobs, devices, launcher, address, gpus_per_run, cluster)
     scales = load_scales(path)  # validates both scales
     uri = absolute_uri(resolve_tracking_uri(tracking_uri))
+    if launcher == "submitit":
+        slurm.check_tracking(uri, cluster)
+        settings = slurm.with_flags(scales["full"].slurm, **({"sbatch": []} | (slurm_flags or {})))
+        array = launch.SubmititLauncher(cluster, settings, wait=wait)
+        return _run_array(scales, path, scale, uri, array, dry_run)
     device_list = parse_devices(devices) if launcher == "local" else None
     if launcher == "ray" and address and not is_server(uri):
         print(f"resnet-lab study: warning: Ray workers on other nodes cannot reach the tracking store "
@@ -267,23 +288,45 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
         study = _pick_scale(scales, path, scale, ray_pool)
         jobs = jobs or (len(device_list) if device_list else 1)
         default_device = _default_device(ray_pool)
+        device_list = worker_devices(device_list, jobs, default_device) if ray_pool is None else [default_device]
         study.runs = _placed(study.runs, uri, default_device, progress=progress and jobs == 1 and ray_pool is None,
                              absolute_paths=ray_pool is not None)
         if dry_run:
             _print_runs(study)
             return None
         ensure_data(study)
-        return _train_study(study, uri, jobs, device_list or [default_device], ray_pool, progress)
+        if ray_pool is None and default_device != "cpu":
+            check_device(device_list[0])  # a device that computes wrong gradients trains nothing (one line, exit 2)
+        return _train_study(study, uri, jobs, device_list, ray_pool, progress)
     finally:
         if ray_pool is not None:
             ray_pool.close()
+
+
+def _run_array(scales: dict[str, Study], path: str | Path, scale: str, uri: str, array: "launch.SubmititLauncher",
+               dry_run: bool) -> StudyResult | None:
+    """The study as one submitit job array: on SLURM, the full scale on the GPUs the tasks ask
+    for (a CPU-only array, gpus_per_task 0, picks the [cpu] scale like a machine without CUDA);
+    the local and debug clusters run here, so they take this machine's device."""
+    on_gpus = array.settings.gpus_per_task > 0 if array.cluster == "slurm" else accelerator() == "cuda"
+    device = "cuda" if on_gpus else ("cpu" if array.cluster == "slurm" else accelerator())
+    study = scales[scale] if scale != "auto" else scales[auto_scale("cuda" if on_gpus else "cpu")]
+    if scale == "auto" and not on_gpus:
+        print(f"resnet-lab study: the array tasks have no GPU, so this runs the CPU scale of {path}; "
+              "force the full study with --scale full", file=sys.stderr, flush=True)
+    study.runs = _placed(study.runs, uri, device, progress=False, absolute_paths=True)
+    if dry_run:
+        _print_runs(study)
+        return None
+    ensure_data(study)
+    return _train_study(study, uri, 1, [device], None, False, array=array)
 
 
 def _pick_scale(scales: dict[str, Study], path: str | Path, scale: str, ray_pool: Any) -> Study:
     """``auto``: full where CUDA is (here, or in the Ray cluster), else the file's [cpu] scale, said loudly."""
     if scale != "auto":
         return scales[scale]
-    if _default_device(ray_pool) == "cuda":
+    if auto_scale(_default_device(ray_pool)) == "full":
         return scales["full"]
     where = "in the Ray cluster" if ray_pool is not None else "here"
     cpu, full = scales["cpu"], scales["full"]
@@ -298,9 +341,19 @@ def _pick_scale(scales: dict[str, Study], path: str | Path, scale: str, ray_pool
 
 
 def _default_device(ray_pool: Any) -> str:
-    """cuda where a GPU is (here, or in the Ray cluster), else cpu."""
-    has_gpu = ray_pool.gpus > 0 if ray_pool is not None else torch.cuda.is_available()
-    return "cuda" if has_gpu else "cpu"
+    """``device.accelerator()`` here; in a Ray cluster cuda where it has GPUs, else cpu."""
+    if ray_pool is not None:
+        return "cuda" if ray_pool.gpus > 0 else "cpu"
+    return accelerator()
+
+
+def worker_devices(asked: list[str] | None, jobs: int, default: str) -> list[str]:
+    """Where a local study's runs go: the ``--devices`` GPUs; else, with ``--jobs N`` on CUDA, every
+    GPU this process sees (the workers take the least busy one, so round-robin); else ``default``."""
+    if asked:
+        return asked
+    gpus = visible_gpus() if default == "cuda" and jobs > 1 else []
+    return gpus or [default]
 
 
 def _placed(runs: list[StudyRun], uri: str, device: str, *, progress: bool, absolute_paths: bool) -> list[StudyRun]:
@@ -321,21 +374,31 @@ def _print_runs(study: Study) -> None:
 
 
 def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool: Any,
-                 progress: bool) -> StudyResult:
+                 progress: bool, array: "launch.SubmititLauncher | None" = None) -> StudyResult:
     """Open the parent run, plan, train what is left under it, and close it with how the study ended."""
     client = connect(uri)  # from here on the store exists
     experiment_id = get_or_create_experiment(client, study.name, uri)
     parent, reused = open_parent(client, experiment_id, study, uri)
+    if array is not None and reused:
+        tags = parent.tags()
+        slurm.refuse_if_running(tags.get("submitit_jobs"), tags.get("submitit_cluster", ""),
+                                Path(array.settings.folder) / study.name / "%j")
     started = time.perf_counter()
     ledger = _Ledger(study, client, experiment_id)
     try:
         plan = plan_runs(client, experiment_id, study)
-        _banner(study, uri, parent.run_id, reused, plan, jobs, ray_pool, devices)
+        _banner(study, uri, parent.run_id, reused, plan, jobs, ray_pool, devices, array)
         in_flight = jobs if jobs > 1 else None
         slots = ray_pool.slots(in_flight) if ray_pool is not None else jobs
+        slots = array.slots(len(plan.todo)) if array is not None else slots
         ledger.start(plan, Reporter(study.runs, set(plan.done), study.name, progress, slots, notes=plan.resume))
         tags = {"kind": "train", "study": study.name, "scale": study.scale}
-        if ray_pool is not None:
+        if array is not None:
+            job_ids = array.run(study.name, plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done)
+            if job_ids and not array.wait:
+                ledger.reporter.close()
+                return _submitted(study, parent, job_ids, array, uri, started)
+        elif ray_pool is not None:
             ray_pool.run(plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done, max_in_flight=in_flight)
         elif jobs == 1:
             launch.run_inline(plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done, devices[0])
@@ -354,6 +417,21 @@ def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool
     parent.finish("FINISHED")
     print_summary(result)
     return result
+
+
+def _submitted(study: Study, parent: RunTracker, job_ids: list[str], array: "launch.SubmititLauncher", uri: str,
+               started: float) -> StudyResult:
+    """``--no-wait``: the array is queued; the parent run stays RUNNING (a rerun reopens it); say how to finish."""
+    first, last = job_ids[0], job_ids[-1]
+    parent.set_tags({"submitit_jobs": ",".join(job_ids)[:5000], "submitit_cluster": array.cluster})
+    again = f"resnet-lab study {study.path} --launcher submitit --cluster {array.cluster} --tracking-uri {uri}"
+    print(f"submitted {len(job_ids)} array task(s) ({first}{f' .. {last}' if last != first else ''}) on "
+          f"{array.cluster}; logs under {Path(array.settings.folder) / study.name}. When the array has ended "
+          f"(squeue lists none of them), finish with: make depth-study STUDY={study.path} "
+          f"STUDY_ARGS='--launcher submitit --cluster {array.cluster} --tracking-uri {uri}' (or: {again}; "
+          f"resnet-lab diagnose {study.path}; resnet-lab report {study.path}); finished runs are skipped, "
+          "an interrupted one resumes from its checkpoint", flush=True)
+    return StudyResult(study, parent.run_id, [], time.perf_counter() - started)
 
 
 class _Ledger:
@@ -392,9 +470,10 @@ class _Ledger:
 
 
 def _banner(study: Study, uri: str, parent_id: str, reused: bool, plan: Plan, jobs: int,
-            ray_pool: Any, devices: list[str]) -> None:
+            ray_pool: Any, devices: list[str], array: Any = None) -> None:
     where = f"Ray ({ray_pool.describe()})" if ray_pool is not None else \
         f"{jobs} job{'s' if jobs > 1 else ''} on {', '.join(devices)}"
+    where = array.describe() if array is not None else where
     resuming = f" ({len(plan.resume)} resuming from checkpoints)" if plan.resume else ""
     print(f"study {study.name} ({study.scale} scale, {study.path}): {len(study.runs)} runs, "
           f"{len(plan.done)} already finished, {len(plan.todo)} to train{resuming}; {where}; "

@@ -24,6 +24,10 @@ A study file::
     [cpu.overrides.plain-56]          # merged over [overrides.plain-56]
     lr = 0.05
 
+    [slurm]                           # optional: sbatch settings for --launcher submitit
+    partition = "gpu"                 # (resnet_lab.slurm.KEYS; flags override them)
+    time_min = 240
+
 Settings apply in the order [train] < [cpu.train] < [overrides.M] < [cpu.overrides.M]. An
 optional TrainConfig field is unset with the string "none" (``train_size = "none"``).
 ``model``, ``seed``, ``experiment``, ``run_name``, ``tracking_uri``, ``device`` and ``progress``
@@ -42,13 +46,14 @@ from typing import Any
 
 from .config import TrainConfig, apply, check_experiment_name
 from .diagnostics import settings as DIAG
+from . import slurm as SLURM
 from .errors import UserError
 from .models import parse_model_name
 from .scales import SCALES
 
 ARCHS = {"plain": "plain", "resnet": "resnet", "residual": "resnet"}  # study arch -> model name prefix
 GRID_KEYS = ("archs", "depths", "models", "seeds")
-TOP_KEYS = ("name", "description", *GRID_KEYS, "train", "overrides", "diagnostics", "cpu")
+TOP_KEYS = ("name", "description", *GRID_KEYS, "train", "overrides", "diagnostics", "cpu", "slurm")
 CPU_KEYS = ("description", *GRID_KEYS, "train", "overrides", "diagnostics")
 DIAG_KEYS = ("run", "seeds", *DIAG.NAMES)  # [diagnostics] / [cpu.diagnostics]: which, on which seeds, sizes
 SET_BY_STUDY = {
@@ -99,6 +104,7 @@ class Study:
     overrides: dict[str, dict[str, Any]]  # per model, effective
     runs: list[StudyRun] = field(default_factory=list)
     diagnostics: DIAG.DiagnosticsPlan = field(default_factory=DIAG.DiagnosticsPlan)
+    slurm: SLURM.Settings = field(default_factory=SLURM.Settings)  # [slurm]: sbatch settings (--launcher submitit)
 
     def params(self) -> dict[str, str]:
         """The parent run's params: the grid of this scale, the effective [train] table as
@@ -140,7 +146,7 @@ def load_scales(path: str | Path) -> dict[str, Study]:
     err = _FileError(path)
     data = _read(path)
     _check_keys(data, TOP_KEYS, "", err, "a study has name, description, archs, depths, models, seeds, "
-                "[train], [overrides.MODEL] and [cpu]")
+                "[train], [overrides.MODEL], [cpu] and [slurm]")
     name = data.get("name", path.stem)
     try:
         check_experiment_name(name, "name")
@@ -174,6 +180,7 @@ def load_scales(path: str | Path) -> dict[str, Study]:
     full.diagnostics = _diagnostics(data.get("diagnostics", {}), "diagnostics", DIAG.FULL, None, full.seeds, err)
     small.diagnostics = _diagnostics(cpu.get("diagnostics", {}), "cpu.diagnostics", DIAG.CPU,
                                      full.diagnostics.names if "diagnostics" in data else None, small.seeds, err)
+    full.slurm = small.slurm = SLURM.parse_table(data.get("slurm", {}), str(path))
     return {"full": full, "cpu": small}
 
 

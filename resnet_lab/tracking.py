@@ -519,6 +519,15 @@ class RunTracker:
         for path, artifact_path in files:
             self._retry(f"log artifact {path.name}", self.client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_artifact_dir(self, directory: Path, artifact_path: str) -> None:
+        """Every file under ``directory`` into the run's ``artifact_path`` folder (e.g. an MLflow model)."""
+        self._retry(f"log artifacts {artifact_path}/", self.client.log_artifacts, self.run_id, str(directory),
+                    artifact_path)
+
+    def log_input(self, dataset_input: Any) -> None:
+        """An ``mlflow.entities.DatasetInput``: the data the run trained on (``mlflow.log_input``'s record)."""
+        self._retry("log the dataset input", self.client.log_inputs, self.run_id, datasets=[dataset_input])
+
     def log_text(self, text: str, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import plateau
+from . import plateau, runmodel
 from .checkpoint import (Interrupted, StopFlag, TrainState, checkpoint_path, history_path, refuse_other_hardware,
                          remove_checkpoint, save_atomic)
 from .checkpoint import load as load_checkpoint
-from .config import TrainConfig, check_device_name
+from .config import TrainConfig
 from .data import Dataset, DeviceLoader, check_sizes, load_dataset, plateau_subset
+from .device import select_device, sum_dtype
 from .errors import UserError, check_can_create
 from .models import ResNet, build_model, count_parameters
 from .probes import Probes
@@ -40,21 +41,6 @@ class TrainResult:
     iterations: int
     metrics: dict[str, float] = field(default_factory=dict)  # last value of each logged scalar
     reason: str | None = None
-
-
-def select_device(name: str) -> torch.device:
-    """``auto`` -> cuda if present, else cpu; a named device must exist here (one line if not)."""
-    check_device_name(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
-    count = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.index is not None and device.index >= count:
-        have = "1 GPU (cuda:0)" if count == 1 else f"{count} GPUs (cuda:0..cuda:{count - 1})"
-        raise UserError(f"device {name!r} does not exist: this machine has {have}; use --device cuda or one of those")
-    return device
 
 
 def total_iterations(cfg: TrainConfig, train_examples: int) -> int:
@@ -78,7 +64,7 @@ def evaluate(model: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[floa
     the logits, in fp32); sums stay on the device until the end."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=loader.device)
+    total = torch.zeros(2, dtype=sum_dtype(loader.device), device=loader.device)
     n = 0  # counted on the host: sizes are known without asking the device
     for x, y in loader:
         with speed.autocast():
@@ -146,7 +132,7 @@ def run_tags_of_model(setup: Setup) -> dict[str, str]:
 def run_tags(setup: Setup) -> dict[str, str]:
     commit, dirty = git_commit()
     cfg = setup.cfg
-    device_name = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else "cpu"
+    device_name = torch.cuda.get_device_name(setup.device) if setup.device.type == "cuda" else setup.device.type
     return {
         "mlflow.runName": cfg.name, **run_tags_of_model(setup), "dataset": cfg.dataset, "seed": str(cfg.seed), "device": device_name,
         "torch_version": torch.__version__, "git_commit": commit, "git_dirty": str(dirty).lower(),
@@ -259,7 +245,7 @@ def _loop(setup: Setup, tracker: RunTracker, stop: StopFlag, saved: dict | None)
     # step 0: MLflow's chart view draws a key that never reaches step 1 as bars, one per run with its
     # value written on it (how final errors are compared); at step = iterations it drew lone dots
     tracker.log([(key, value, 0) for key, value in (final | final_plateau(tracker, cfg)).items()])
-    _log_final_artifacts(tracker, state.model, cfg, state.probes)
+    _log_final_artifacts(tracker, state.model, cfg, state.probes, setup.data)
     _describe_run(tracker, setup, final)
     return TrainResult(tracker.run_id, "FINISHED", total, state.last)
 
@@ -404,9 +390,12 @@ def _log_init_weights(tracker: RunTracker, model: ResNet) -> None:
         tracker.log_artifacts([(path, "model")])
 
 
-def _log_final_artifacts(tracker: RunTracker, model: ResNet, cfg: TrainConfig, probes: Probes) -> None:
-    """Weights (state_dict), the resolved config, the probe tables, and the run's own figures."""
+def _log_final_artifacts(tracker: RunTracker, model: ResNet, cfg: TrainConfig, probes: Probes, data: Dataset) -> None:
+    """Weights (state_dict, and the MLflow model ``runs:/<id>/model``), the data trained on (dataset
+    input), the resolved config, the probe tables, and the run's own figures."""
     tracker.log_text(cfg.to_json(), "config.json")
+    runmodel.log_model(tracker, model, cfg, data)
+    tracker.log_input(runmodel.dataset_input(cfg, data))
     _log_figures(tracker, cfg, probes)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "state_dict.pt"

@@ -130,6 +130,78 @@ def test_cifar_explicit_dir_without_files_is_an_error(tmp_path: Path) -> None:
         load_dataset("cifar10", data_dir=tmp_path / "nothing-here", download=False)
 
 
+# ---------------------------------------------------------------- CIFAR-100
+
+def write_cifar100(directory: Path, n_train: int = 12, n_test: int = 5) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """A cifar-100-python directory as the official archive has it: ``train``/``test`` pickles with
+    bytes keys, ``fine_labels`` (0..99) and ``coarse_labels`` (0..19), and ``meta`` with the names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    out = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        pixels = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        fine[0] = 99  # the top class is in range
+        with open(directory / name, "wb") as f:
+            pickle.dump({b"filenames": [b"x.png"] * n, b"batch_label": b"training batch 1 of 1",
+                         b"fine_labels": fine, b"coarse_labels": [v // 5 for v in fine], b"data": pixels}, f)
+        out[name] = (pixels, fine)
+    with open(directory / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)],
+                     b"coarse_label_names": [f"super{i}".encode() for i in range(20)]}, f)
+    return out
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["archive-dir", "parent-dir"])
+def test_cifar100_pickles_round_trip_with_fine_labels(tmp_path: Path, nested: bool) -> None:
+    files = write_cifar100(tmp_path / data.CIFAR100_DIRNAME)
+    ds = load_dataset("cifar100", data_dir=tmp_path if nested else tmp_path / data.CIFAR100_DIRNAME,
+                      download=False)
+    assert (ds.in_channels, ds.image_size, ds.num_classes) == (3, 32, 100)
+    assert torch.equal(ds.train.images.flatten(1), torch.from_numpy(files["train"][0]))
+    assert ds.train.labels.tolist() == files["train"][1] and ds.test.labels.tolist() == files["test"][1]
+    assert torch.equal(ds.test.images.flatten(1), torch.from_numpy(files["test"][0]))
+
+
+def test_cifar100_val_split_and_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CIFAR100_DIR is honoured; val_size carves the same seeded split as for CIFAR-10."""
+    files = write_cifar100(tmp_path / "elsewhere" / data.CIFAR100_DIRNAME)
+    monkeypatch.setenv("CIFAR100_DIR", str(tmp_path / "elsewhere"))
+    ds = load_dataset("cifar100", data_root=tmp_path / "empty", download=False, val_size=4, seed=3)
+    train_idx, val_idx = data.split_indices(12, val_size=4, seed=3, train_size=None)
+    labels = torch.tensor(files["train"][1])
+    assert len(ds.train) == 8 and len(ds.val) == 4 and "elsewhere" in ds.source
+    assert torch.equal(ds.val.labels, labels[val_idx]) and torch.equal(ds.train.labels, labels[train_idx])
+
+
+@pytest.mark.parametrize("target, damage", [("train", "garbage"), ("test", "truncated"), ("meta", "truncated"),
+                                            ("train", "labels-100"), ("test", "cifar10-keys"), ("meta", "20-names")])
+def test_cifar100_damaged_file_is_refused_by_name(tmp_path: Path, target: str, damage: str) -> None:
+    write_cifar100(tmp_path)
+    path = tmp_path / target
+    if damage == "garbage":
+        path.write_bytes(b"not a pickle at all")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "labels-100":
+        path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [3, 100]}))
+    elif damage == "cifar10-keys":  # a CIFAR-10 batch where a CIFAR-100 file should be: no fine_labels
+        path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 4]}))
+    else:
+        path.write_bytes(pickle.dumps({b"coarse_label_names": [b"x"] * 20, b"fine_label_names": [b"x"] * 20}))
+    with pytest.raises(UserError) as e:
+        load_dataset("cifar100", data_dir=tmp_path, download=False)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cifar100_dir_without_its_files_says_which(tmp_path: Path) -> None:
+    write_cifar(tmp_path / data.CIFAR_DIRNAME)  # CIFAR-10 is not CIFAR-100
+    with pytest.raises(UserError, match=r"(?=.*--data-dir)(?=.*train, test, meta)"):
+        load_dataset("cifar100", data_dir=tmp_path, download=False)
+    with pytest.raises(UserError, match=r"CIFAR-100 not found: .*CIFAR100_DIR"):
+        load_dataset("cifar100", data_root=tmp_path, download=False)
+
+
 # ---------------------------------------------------------------- Fashion-MNIST
 
 @pytest.fixture(scope="module")

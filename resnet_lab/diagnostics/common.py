@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import DIAG_SUBSET_STREAM, Split, derive_seed
+from ..device import sum_dtype
 from ..errors import UserError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -58,8 +59,9 @@ def subset(split: Split, n: int, *, seed: int, purpose: int, mean: tuple[float, 
 
 @torch.no_grad()
 def loss_error_sums(forward: Forward, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """[summed cross-entropy, misclassified count] over (x, y), float64 on the device (no host read)."""
-    total = torch.zeros(2, dtype=torch.float64, device=x.device)
+    """[summed cross-entropy, misclassified count] over (x, y), float64 on the device (no host read;
+    float32 on MPS, ``device.sum_dtype``)."""
+    total = torch.zeros(2, dtype=sum_dtype(x.device), device=x.device)
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
         logits = forward(xb).float()
         total += torch.stack([F.cross_entropy(logits, yb, reduction="sum"), (logits.argmax(1) != yb).sum()])

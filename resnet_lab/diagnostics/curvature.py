@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..data import CURVATURE_STREAM, derive_seed
+from ..device import sum_dtype
 from ..errors import UserError
 from ..models import device_of
 from .common import check_inputs, untouched
@@ -82,11 +83,11 @@ def power_iteration(H: Hessian, settings: CurvatureSettings, generator: torch.Ge
 def hutchinson_trace(H: Hessian, vectors: int, block: int, generator: torch.Generator,
                      device: torch.device) -> float:
     """mean over Rademacher v of v^T H v, the products done ``block`` columns at a time."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=sum_dtype(device), device=device)
     for start in range(0, vectors, block):
         k = min(block, vectors - start)
         V = (torch.randint(0, 2, (H.dim, k), generator=generator) * 2 - 1).float().to(device)
-        total += ((H @ V) * V).sum().double()
+        total += ((H @ V) * V).sum().to(total.dtype)
     return float(total) / vectors
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..device import sum_dtype
 from ..models import device_of
 from .common import check_inputs, loss_error_sums, reestimate_bn, untouched
 from .settings import LandscapeSettings
@@ -81,7 +82,7 @@ def landscape(model: nn.Module, init_state: Mapping[str, torch.Tensor], x: torch
     axis = np.linspace(-1, 1, settings.grid)
     ts = np.linspace(*PATH_RANGE, settings.path_points)
     points = [("line", a, np.nan) for a in alphas] + [("grid", a, b) for a in axis for b in axis]
-    sums = torch.zeros(len(points) + len(ts), 2, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(points) + len(ts), 2, dtype=sum_dtype(device), device=device)
     with untouched(model):
         for i, (_, a, b) in enumerate(points):
             _set_weights(params, final, [d1, d2], [float(a), 0.0 if np.isnan(b) else float(b)])
@@ -91,7 +92,7 @@ def landscape(model: nn.Module, init_state: Mapping[str, torch.Tensor], x: torch
             _set_weights(params, init, [delta], [float(t)])
             reestimate_bn(model, x, settings.batch_size)
             sums[len(points) + j] = loss_error_sums(model, x, y, settings.batch_size)
-    loss, err = (sums / torch.tensor([1.0, 0.01], dtype=torch.float64, device=device) / len(y)).T.tolist()
+    loss, err = (sums / torch.tensor([1.0, 0.01], dtype=sums.dtype, device=device) / len(y)).T.tolist()
     points += [("path", t, np.nan) for t in ts]
     df = pd.DataFrame({"kind": [p[0] for p in points], "x": [float(p[1]) for p in points],
                        "y": [float(p[2]) for p in points], "loss": loss, "error": err})

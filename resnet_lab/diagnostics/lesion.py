@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import LESION_DRAW_STREAM, derive_seed
+from ..device import sum_dtype
 from ..models import BasicBlock, ResNet
 from .common import check_inputs, untouched
 from .settings import LesionSettings
@@ -85,7 +86,7 @@ def lesion(model: ResNet, x: torch.Tensor, y: torch.Tensor, settings: LesionSett
     names = [n for n, _ in model.named_blocks()]
     pats, labels = patterns(model, settings)
     with untouched(model):
-        errors = (_error_counts(model, x, y, pats, settings.batch_size).double() * (100.0 / len(y))).tolist()
+        errors = (_error_counts(model, x, y, pats, settings.batch_size).to(sum_dtype(x.device)) * (100.0 / len(y))).tolist()
     rows = [(kind, k, "+".join(names[i] for i in pat), draw, err) for pat, (kind, k, draw), err in zip(pats, labels, errors)]
     rows += [("not_applicable", 1, n, 0, np.nan) for n, b in model.named_blocks() if not deletable(b)]
     df = pd.DataFrame(rows, columns=["kind", "k", "block", "draw", "error"]).astype({"k": "int64", "draw": "int64", "error": "float64"})

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import Dataset, load_dataset
+from ..device import auto_scale, select_device
 from ..errors import UserError
 from ..models import ResNet, build_model
 from ..tracking import (absolute_uri, connect, no_download_bars, readable, require_store, resolve_tracking_uri,
@@ -268,15 +269,13 @@ def diagnose(study_file: str | Path | None = None, run_id: str | None = None, *,
              scale: str = "auto", tracking_uri: str | None = None, progress: bool = True) -> DiagnoseResult:
     """Check everything, then run and log what is missing; see the module docstring."""
     from ..studyfile import load_scales
-    from ..train import select_device
-
     names = parse_only(only)
     if (study_file is None) == (run_id is None):
         raise UserError("diagnose needs a STUDY_FILE or --run RUN_ID (one of the two)")
     if scale not in ("auto", "cpu", "full"):
         raise UserError(f"--scale must be auto, cpu or full, got {scale!r}")
     device = select_device("auto")
-    scale = scale if scale != "auto" else ("full" if device.type == "cuda" else "cpu")
+    scale = scale if scale != "auto" else auto_scale(device.type)
     study = load_scales(study_file)[scale] if study_file is not None else None
     plan = study.diagnostics if study is not None else S.DiagnosticsPlan(settings=S.FULL if scale == "full" else S.CPU)
     names = names or plan.names
