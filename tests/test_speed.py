@@ -18,7 +18,8 @@ from resnet_lab.errors import UserError
 from resnet_lab.models import build_model
 from resnet_lab.speed import (COMPILE_AFTER_ITERATIONS_CPU, CompiledStep, choose_compile, native_bf16, plan)
 from resnet_lab.data import DeviceLoader, Split
-from resnet_lab.train import _start, evaluate, prepare, run_tags, train, train_step
+from resnet_lab.runlog import run_tags
+from resnet_lab.train import evaluate, prepare, start, train, train_step
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -120,7 +121,7 @@ TEN_NETS = [("resnet-8", "A"), ("resnet-8", "B"), ("resnet-8", "C"), ("plain-8",
 def test_an_inline_study_of_ten_nets_compiles_every_net(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 15: without fresh compiler caches per run, nets 9 and 10 would run eager, silently.
 
-    Each net is set up as ``train`` does (``prepare``, ``_start``) and takes two SGD steps; the
+    Each net is set up as ``train`` does (``prepare``, ``start``) and takes two SGD steps; the
     backend records each graph dynamo hands it and runs it as traced (inductor would spend
     minutes compiling the same graphs; dynamo's recompile limit is hit before any backend)."""
     graphs: list[int] = []
@@ -136,12 +137,12 @@ def test_an_inline_study_of_ten_nets_compiles_every_net(monkeypatch: pytest.Monk
         cfg = TrainConfig(model=model, shortcut=shortcut, dataset="synthetic", iterations=2, batch_size=4,
                           probes=False, compile=True, device="cpu", checkpoint_every=0)
         setup = prepare(cfg)
-        state, step_model, _ = _start(setup)
-        batches = state.loader.batches()
+        group = start([setup])
+        batches = group.states[0].loader.batches()
         for _ in range(2):
-            train_step(step_model, state, setup.cfg, next(batches), setup.speed)
+            train_step(group.model, group.states, setup.cfg, [next(batches)], setup.speed)
         per_net.append(len(graphs) - before)
-        assert step_model.compiled
+        assert group.model.compiled
     assert all(n >= 1 for n in per_net), per_net
 
 
