@@ -69,14 +69,20 @@ def resumable_checkpoint(setup: Setup) -> dict | None:
     return saved
 
 
-def open_run(setup: Setup, saved: dict | None, parent_run_id: str | None, extra_tags: dict[str, str]) -> RunTracker:
+def open_run(setup: Setup, saved: dict | None, parent_run_id: str | None, extra_tags: dict[str, str],
+             fused_nets: int = 1) -> RunTracker:
     """The MLflow run ``saved`` (its checkpoint) names, reopened; else a new run with params and tags.
-    ``parent_run_id`` nests it under a study's parent run; ``extra_tags`` (study, scale) are added."""
+    ``parent_run_id`` nests it under a study's parent run; ``extra_tags`` (study, scale) are added.
+    The tag ``fused_nets`` says how many nets the run's net was (last) trained with as one fused
+    model (1: alone)."""
     uri = resolve_tracking_uri(setup.cfg.tracking_uri)
     tracker = RunTracker.reopen(uri, saved["run_id"]) if saved else None
     if tracker is None:
         tags = run_tags(setup) | extra_tags | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
-        tracker = RunTracker.create(uri, setup.cfg.experiment, setup.cfg.name, params=run_params(setup), tags=tags)
+        tracker = RunTracker.create(uri, setup.cfg.experiment, setup.cfg.name, params=run_params(setup),
+                                    tags=tags | {"fused_nets": str(fused_nets)})
+    else:
+        tracker.set_tags({"fused_nets": str(fused_nets)})
     if system_metrics_enabled():
         tracker.start_system_metrics(resume=saved is not None)
     return tracker

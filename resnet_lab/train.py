@@ -206,7 +206,7 @@ def train_group(cfgs: Sequence[TrainConfig], *, parent_run_id: str | None = None
     ended: dict[int, TrainResult] = {}  # the nets whose run is over, by position
     try:
         for setup, resume in zip(setups, saved):
-            trackers.append(runlog.open_run(setup, resume, parent_run_id, extra_tags or {}))
+            trackers.append(runlog.open_run(setup, resume, parent_run_id, extra_tags or {}, len(setups)))
         with StopFlag() as stop:
             _loop(group, trackers, saved, stop, ended)
     except BaseException as e:

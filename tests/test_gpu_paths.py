@@ -321,8 +321,8 @@ def test_a_devices_worker_sees_only_its_gpu(tmp_path: Path, monkeypatch: pytest.
     path = tmp_path / "s.toml"
     path.write_text('name = "s"\ndepths = [8]\n[train]\ndataset = "synthetic"\n[cpu]\n')
     run = load_scales(path)["full"].runs[0]
-    worker = launch._start_worker(_FakeCtx(), run, "cuda:1", "parent", {}, threads=1)
-    assert (worker.proc.env, worker.proc.cfg.device, worker.device) == (expect, "cuda", "cuda:1")
+    worker = launch._start_worker(_FakeCtx(), [run], "cuda:1", "parent", {}, threads=1)
+    assert (worker.proc.env, worker.proc.cfg[0].device, worker.device) == (expect, "cuda", "cuda:1")
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == visible
-    cpu = launch._start_worker(_FakeCtx(), run, "cpu", "parent", {}, threads=1)
-    assert (cpu.proc.env, cpu.proc.cfg.device) == (visible, "cpu")
+    cpu = launch._start_worker(_FakeCtx(), [run], "cpu", "parent", {}, threads=1)
+    assert (cpu.proc.env, cpu.proc.cfg[0].device) == (visible, "cpu")

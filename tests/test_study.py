@@ -360,10 +360,10 @@ def test_progress_lines_and_an_eta_weighted_by_depth(tmp_path: Path, monkeypatch
     clock = iter([0.0, 0.0, 10.0, 10.0, 12.0])
     monkeypatch.setattr(launch.time, "perf_counter", lambda: next(clock))
     reporter = launch.Reporter(runs, {4}, "t", progress=False, jobs=2)  # plain-56-s1 finished before
-    reporter.started(runs[0], "cpu")  # t = 0, both slots busy
-    reporter.started(runs[2], "cpu")
+    reporter.started([runs[0]], "cpu")  # t = 0, both slots busy
+    reporter.started([runs[2]], "cpu")
     reporter.done(runs[0], "[1/4] plain-20-s0 finished")  # t = 10: 10 s per 20 layers
-    reporter.started(runs[1], "cpu")
+    reporter.started([runs[1]], "cpu")
     reporter.done(runs[2], "[3/4] plain-20-s1 finished")  # t = 12: 11 s per 20 layers
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "[1/4] plain-20-s0 started on cpu"
