@@ -4,9 +4,9 @@ The unit a launcher runs is a group of runs (``study.group_runs``: runs of one s
 trained as one fused model; a group of one is a run trained alone): a worker process or a Ray
 task trains one group. Each launcher hands every group to ``train_runs``, which trains it
 (``train.train_group``) and turns whatever happened into one ``Outcome`` per run; the outcomes go
-to ``on_done`` in the parent process, which does all study bookkeeping. The MLflow store, experiment and parent run already exist
-when a launcher starts (created once in the parent: concurrent first writers would race on
-the SQLite schema).
+to ``on_done`` in the parent process, which does all study bookkeeping. The MLflow store,
+experiment and parent run already exist when a launcher starts (created once in the parent:
+concurrent first writers would race on the SQLite schema).
 """
 
 from __future__ import annotations

@@ -200,7 +200,8 @@ def train_group(cfgs: Sequence[TrainConfig], *, parent_run_id: str | None = None
     setups = [prepare(cfg, datasets) for cfg in cfgs]  # from here on only setup.cfg, the resolved config, is used
     saved = [runlog.resumable_checkpoint(setup) for setup in setups]
     if len({s["iteration"] if s else 0 for s in saved}) > 1:
-        raise ValueError(f"the nets of a group must start from one iteration, got {[s and s['iteration'] for s in saved]}")
+        raise ValueError("the nets of a group must start from one iteration (study.group_runs), got "
+                         f"{[s['iteration'] if s else 0 for s in saved]}")
     group = start(setups)
     trackers: list[RunTracker] = []
     ended: dict[int, TrainResult] = {}  # the nets whose run is over, by position
@@ -227,10 +228,13 @@ def _loop(group: Group, trackers: list[RunTracker], saved: list[dict | None], st
     cfg, speed, total = setups[0].cfg, setups[0].speed, setups[0].iterations  # one schedule for the group
     # Resume each net exactly where its checkpoint left off (steps MLflow already has are not logged
     # again), or log its initial weights and take the probes' first point, at initialisation.
-    logged_upto = []
     for state, tracker, resume in zip(states, trackers, saved):
-        state.restore(resume) if resume else (runlog.log_init_weights(tracker, state.model), state.probes.measure(0))
-        logged_upto.append(tracker.last_step("train/loss") if resume else -1)
+        if resume:
+            state.restore(resume)
+        else:
+            runlog.log_init_weights(tracker, state.model)
+            state.probes.measure(0)
+    logged_upto = [tracker.last_step("train/loss") if resume else -1 for tracker, resume in zip(trackers, saved)]
     batches = [state.loader.batches() for state in states]
     it = states[0].iteration
     bar = tqdm(total=total, initial=it, desc=_names(setups), unit="it", disable=not cfg.progress, dynamic_ncols=True)
@@ -261,7 +265,13 @@ def _loop(group: Group, trackers: list[RunTracker], saved: list[dict | None], st
                     reason = f"diverged: non-finite training loss between iterations {it - steps} and {it}"
                     runlog.end_run(setups[k], trackers[k], "FAILED", reason)
                     ended[k] = TrainResult(trackers[k].run_id, "FAILED", it, states[k].last, reason)
-            _show(bar, [states[k].last for k in running], steps)
+            # The bar: the group's mean loss and error, its images/s; the values before the count, so
+            # that its last line is drawn once, with the final values.
+            last = [states[k].last for k in running]
+            bar.set_postfix(loss=f"{sum(m['train/loss'] for m in last) / len(last):.3f}", refresh=False,
+                            err=f"{sum(m['train/error'] for m in last) / len(last):.1f}%",
+                            img_s=f"{sum(m['perf/images_per_s'] for m in last):.0f}")
+            bar.update(steps)
             # A checkpoint every checkpoint_every iterations (the last one is the finished run).
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < total:
                 for k in (k for k in running if k not in ended):
@@ -320,16 +330,6 @@ def _names(setups: Sequence[Setup]) -> str:
     """The progress bar's label: the run's name, or a group's first name and how many more, fused."""
     names = [s.cfg.name for s in setups]
     return names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1} fused"
-
-
-def _show(bar: tqdm, last: list[dict[str, float]], steps: int) -> None:
-    """The postfix first, then the count: the bar's last line is drawn once, with its final values
-    (mean over a group's running nets; images/s summed)."""
-    if last:
-        bar.set_postfix(loss=f"{sum(m['train/loss'] for m in last) / len(last):.3f}",
-                        err=f"{sum(m['train/error'] for m in last) / len(last):.1f}%",
-                        img_s=f"{sum(m['perf/images_per_s'] for m in last):.0f}", refresh=False)
-    bar.update(steps)
 
 
 def make_probes(cfg: TrainConfig, model: ResNet, device: torch.device, test_loader: DeviceLoader) -> Probes:
