@@ -103,7 +103,7 @@ class FusedLayer(nn.Module):
 def same(values: Sequence[Any], what: str) -> Any:
     """The one value all K layers share; fusing layers that differ would silently train wrong nets."""
     if any(v != values[0] for v in values):
-        raise ValueError(f"cannot fuse: the nets' {what} differ ({values})")
+        raise ValueError(f"cannot fuse: the nets' {what} differ ({sorted(set(map(str, values)))})")
     return values[0]
 
 

@@ -1,4 +1,4 @@
-"""How a run's step goes fast on the device at hand: precision, memory layout, torch.compile.
+"""How a run's step goes fast on the device at hand: precision, memory layout, torch.compile, fusion.
 
 ``plan`` decides all three once per run (``train.prepare``); the training step, evaluation and
 the run's tags all read its answer, so a run never mixes precisions or layouts. The rules are
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 PRECISIONS = ("auto", "fp32", "bf16")
+FUSE_CHOICES = ("auto", "on", "off")
 
 # torch.compile pays for itself on CPU from this many training steps on. Measured on a 2-core AMD
 # EPYC (AVX2), 1 thread, inductor's cache cold, resnet-20 at batch 128 (docs/benchmarks.md): the
@@ -102,6 +103,24 @@ def choose_compile(device: torch.device, asked: bool | None, iterations: int) ->
     if asked is not None:
         return asked
     return device.type == "cpu" and iterations >= COMPILE_AFTER_ITERATIONS_CPU and cxx_missing() is None
+
+
+def choose_fuse(device: torch.device, asked: str, nets: int) -> bool:
+    """Train a group of ``nets`` nets of one shape (``resnet_lab.fused.fusion_key``) as one fused model?
+
+    ``on``/``off`` force it (a single net is never fused: there is nothing to fuse it with).
+    ``auto`` fuses where fusing was measured faster (docs/benchmarks.md, "Fused training (issue 26)"):
+    on CPU every group timed was faster fused, from the default study's 6 narrow nets at batch 32
+    (the most) to the paper's 10 ResNet-20s at batch 128 (the least), so auto fuses any group there.
+    On CUDA it is unmeasured here (no GPU was lent); auto fuses too, on HFTA's evidence (Wang et
+    al., MLSys 2021: grouped-convolution fusion of small CNNs, several times the throughput on
+    V100/A100) and this lab's reading that a ResNet-20 step leaves a GPU launch-bound (issue 26).
+    Fusion is exact either way (tests/test_fused.py), so a wrong guess costs speed, never results;
+    ``benchmarks/fused_speed.py --device cuda`` is the measurement that should confirm or flip it.
+    """
+    if nets < 2 or asked == "off":
+        return False
+    return asked == "on" or device.type in ("cpu", "cuda")
 
 
 class CompiledStep:
