@@ -266,7 +266,7 @@ class FusedResNet(nn.Module):
         for s in self.stage_names:
             x = getattr(self, s)(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x.float(), 1), 1))
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x.to(self.fc.weight.dtype), 1), 1))
 
     def fused_layers(self) -> Iterator[FusedLayer]:
         return (m for m in self.modules() if isinstance(m, FusedLayer))
