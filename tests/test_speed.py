@@ -185,13 +185,14 @@ def test_evaluation_runs_in_the_run_precision_and_the_tags_say_which() -> None:
 
 
 def test_fuse_rule_forces_on_and_off_and_never_fuses_one_net() -> None:
-    """--fuse on|off force it; auto fuses groups on CPU (measured faster, docs/benchmarks.md) and on CUDA
-    (unmeasured: HFTA's evidence); a lone net has nothing to fuse with."""
+    """--fuse on|off force it; auto fuses on CPU with 2+ threads (measured faster) but not with one
+    (measured slower), and on CUDA (unmeasured: HFTA's evidence); a lone net has nothing to fuse with."""
     from resnet_lab.speed import FUSE_CHOICES, choose_fuse
     assert FUSE_CHOICES == ("auto", "on", "off")
+    assert choose_fuse(CPU, "auto", 6, threads=2) and not choose_fuse(CPU, "auto", 6, threads=1)
+    assert choose_fuse(CUDA, "auto", 6) and choose_fuse(CPU, "on", 2, threads=1)
     for device in (CPU, CUDA):
-        assert choose_fuse(device, "auto", 6) and choose_fuse(device, "on", 2)
-        assert not choose_fuse(device, "off", 6)
-        assert not any(choose_fuse(device, asked, 1) for asked in FUSE_CHOICES)
+        assert not choose_fuse(device, "off", 6, threads=2)
+        assert not any(choose_fuse(device, asked, 1, threads=2) for asked in FUSE_CHOICES)
     assert not choose_fuse(torch.device("mps"), "auto", 6)  # never measured: stays unfused
     assert choose_fuse(torch.device("mps"), "on", 6)
