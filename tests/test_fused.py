@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from resnet_lab.fused import FusedBatchNorm2d, FusedResNet, fusion_key
 from resnet_lab.models import ResNet, build_model, count_parameters
 
-CPU = torch.device("cpu")
 SEEDS, ARCHS = (0, 1), ("plain", "resnet")
 BATCH, SIZE = 8, 8  # 8x8 images: stages at 8, 4, 2 pixels; both option-A transitions run
 CL = torch.channels_last  # the lab's layout (speed.choose_memory_format)
