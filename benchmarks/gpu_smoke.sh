@@ -158,11 +158,14 @@ benchmarks() {
         (cd benchmarks && "$PY" throughput.py --device cpu --quick --models resnet-8 --ref-workers 0 --windows 1 \
             --steps 1 --warmup 1 --images 512) || return 1
         (cd benchmarks && "$PY" probe_overhead.py --device cpu --models resnet-8 --rounds 1 --window 1 --warmup 1 \
-            --flow-reps 1)
+            --flow-reps 1) || return 1
+        (cd benchmarks && "$PY" fused_speed.py --device cpu --quick)
     else
         (cd benchmarks && "$PY" throughput.py --device cuda --quick --compile) || return 1
         (cd benchmarks && "$PY" probe_overhead.py --device cuda --models resnet-20 --rounds 5 --window 10 \
-            --warmup 2 --flow-reps 3)
+            --warmup 2 --flow-reps 3) || return 1
+        # fused vs unfused images/s and the projected paper-study time; bf16 as the lab trains on CUDA
+        (cd benchmarks && "$PY" fused_speed.py --device cuda --precision bf16)
     fi
 }
 
@@ -187,7 +190,7 @@ step refuse "the CUDA checkpoint is refused on the CPU" refused_on_cpu
 step resume "resumed into one FINISHED run" resume_to_one_finished_run
 step sync "35 steps without a host sync" no_sync_in_the_step
 step study "2-run study, --jobs 2" two_run_study
-step bench "benchmarks: throughput and probe overhead" benchmarks
+step bench "benchmarks: throughput, probe overhead, fused vs unfused" benchmarks
 step fashion "Fashion-MNIST resnet-$MODEL and plain-$MODEL, $FASHION_ITERS it" fashion_mnist
 RESULTS=$(grep -E "^(ENV|RESULT) " "$LOG")
 echo "--- summary" >>"$LOG"

@@ -103,7 +103,7 @@ class FusedLayer(nn.Module):
 def same(values: Sequence[Any], what: str) -> Any:
     """The one value all K layers share; fusing layers that differ would silently train wrong nets."""
     if any(v != values[0] for v in values):
-        raise ValueError(f"cannot fuse: the nets' {what} differ ({values})")
+        raise ValueError(f"cannot fuse: the nets' {what} differ ({sorted(set(map(str, values)))})")
     return values[0]
 
 
@@ -266,7 +266,7 @@ class FusedResNet(nn.Module):
         for s in self.stage_names:
             x = getattr(self, s)(x)
         with torch.autocast(x.device.type, enabled=False):
-            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x.float(), 1), 1))
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x.to(self.fc.weight.dtype), 1), 1))
 
     def fused_layers(self) -> Iterator[FusedLayer]:
         return (m for m in self.modules() if isinstance(m, FusedLayer))

@@ -105,22 +105,32 @@ def choose_compile(device: torch.device, asked: bool | None, iterations: int) ->
     return device.type == "cpu" and iterations >= COMPILE_AFTER_ITERATIONS_CPU and cxx_missing() is None
 
 
-def choose_fuse(device: torch.device, asked: str, nets: int) -> bool:
+def choose_fuse(device: torch.device, asked: str, nets: int, threads: int | None = None) -> bool:
     """Train a group of ``nets`` nets of one shape (``resnet_lab.fused.fusion_key``) as one fused model?
 
     ``on``/``off`` force it (a single net is never fused: there is nothing to fuse it with).
     ``auto`` fuses where fusing was measured faster (docs/benchmarks.md, "Fused training (issue 26)"):
-    on CPU every group timed was faster fused, from the default study's 6 narrow nets at batch 32
-    (the most) to the paper's 10 ResNet-20s at batch 128 (the least), so auto fuses any group there.
-    On CUDA it is unmeasured here (no GPU was lent); auto fuses too, on HFTA's evidence (Wang et
-    al., MLSys 2021: grouped-convolution fusion of small CNNs, several times the throughput on
-    V100/A100) and this lab's reading that a ResNet-20 step leaves a GPU launch-bound (issue 26).
-    Fusion is exact either way (tests/test_fused.py), so a wrong guess costs speed, never results;
-    ``benchmarks/fused_speed.py --device cuda`` is the measurement that should confirm or flip it.
+
+    * CPU with 2+ intra-op ``threads`` (default: torch's current count): faster. K times fewer,
+      K times larger ops mean K times fewer parallel regions to synchronise; the default study's
+      training ran 2.6x faster fused on a shared 2-core AMD EPYC, and issue 26's quiet 2-core Xeon
+      micro-benchmark gave 1.1-1.25x in fp32.
+    * CPU with 1 thread (e.g. ``--jobs 2`` on 2 cores): slower, 0.86x on the same machine: with no
+      parallel region to save, the K times larger activations only cost cache. Not fused.
+    * CUDA: not measured here (no GPU lent). Fused, on HFTA's evidence (Wang et al., MLSys 2021:
+      several times the throughput for small CNNs on V100/A100) and issue 26's reading that a
+      ResNet-20 step leaves a GPU launch-bound. ``benchmarks/fused_speed.py --device cuda`` is the
+      measurement that should confirm or flip this.
+
+    Fusion is exact either way (tests/test_fused.py), so a wrong guess costs speed, never results.
     """
     if nets < 2 or asked == "off":
         return False
-    return asked == "on" or device.type in ("cpu", "cuda")
+    if asked == "on":
+        return True
+    if device.type == "cpu":
+        return (torch.get_num_threads() if threads is None else threads) >= 2
+    return device.type == "cuda"
 
 
 class CompiledStep:

@@ -187,7 +187,8 @@ def settle_failed(client: Any, experiment_id: str, study: Study, run: StudyRun, 
 
 # ---------------------------------------------------------------- fusion
 
-def group_runs(runs: list[StudyRun], start: dict[int, int], fuse: str, device: str) -> list[Group]:
+def group_runs(runs: list[StudyRun], start: dict[int, int], fuse: str, device: str,
+               threads: int | None = None) -> list[Group]:
     """The runs to train, in groups that each train as one fused model (a group of one trains alone),
     in the order of each group's first run.
 
@@ -198,7 +199,8 @@ def group_runs(runs: list[StudyRun], start: dict[int, int], fuse: str, device: s
     in a group (``plan_runs`` skipped them), and a group interrupted at different points, or partly
     retrained, is regrouped by where each run stands: runs resuming from one iteration train
     together, a run standing alone trains alone. ``speed.choose_fuse`` says whether a group of its
-    size is fused on ``device`` (``fuse``: auto, on or off); if not, its runs train one by one.
+    size is fused on ``device`` with ``threads`` CPU threads per training (``fuse``: auto, on or
+    off); if not, its runs train one by one.
     """
     groups: dict[tuple, Group] = {}
     for run in runs:
@@ -209,7 +211,7 @@ def group_runs(runs: list[StudyRun], start: dict[int, int], fuse: str, device: s
             groups.setdefault((key, _recipe(run.cfg), start.get(run.index, 0)), []).append(run)
     out: list[Group] = []
     for group in groups.values():
-        out += [group] if choose_fuse(torch.device(device), fuse, len(group)) else [[run] for run in group]
+        out += [group] if choose_fuse(torch.device(device), fuse, len(group), threads) else [[run] for run in group]
     return sorted(out, key=lambda g: g[0].index)
 
 
@@ -384,7 +386,10 @@ def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool
     ledger = _Ledger(study, client, experiment_id)
     try:
         plan = plan_runs(client, experiment_id, study)
-        groups = group_runs(plan.todo, plan.start, fuse, devices[0] if ray_pool is None else _default_device(ray_pool))
+        # A worker's CPU threads: a share of the cores (launch.run_processes), one per Ray task (num_cpus=1).
+        threads = 1 if ray_pool is not None else max(1, launch.cpu_count() // jobs) if jobs > 1 else None
+        groups = group_runs(plan.todo, plan.start, fuse, devices[0] if ray_pool is None else _default_device(ray_pool),
+                            threads)
         _banner(study, uri, parent.run_id, reused, plan, jobs, ray_pool, devices, groups)
         in_flight = jobs if jobs > 1 else None
         slots = ray_pool.slots(in_flight) if ray_pool is not None else jobs

@@ -175,7 +175,7 @@ def test_a_fused_group_killed_after_a_checkpoint_resumes_exactly_and_trains_no_r
         return real(cfg, it)
 
     monkeypatch.setattr(train_mod, "lr_at", lr_at)
-    assert _run_study(path, tracking_uri) == 1  # auto: a CPU fuses the four
+    assert _run_study(path, tracking_uri, "--fuse", "on") == 1
     client = MlflowClient(tracking_uri)
     first = {r.info.run_name: r for r in _children(client, "fused-kill")}
     assert sorted(first) == sorted(NETS) and all(r.info.status == "FAILED" for r in first.values())
@@ -184,7 +184,7 @@ def test_a_fused_group_killed_after_a_checkpoint_resumes_exactly_and_trains_no_r
     checkpoint_path(runs["plain-8-s1"].cfg).unlink()
     capsys.readouterr()
 
-    assert _run_study(path, tracking_uri) == 0
+    assert _run_study(path, tracking_uri, "--fuse", "on") == 0
     out = capsys.readouterr().out
     for name in ("plain-8-s0", "resnet-8-s0", "resnet-8-s1"):
         line = next(line for line in out.splitlines() if re.search(rf"\] {name} started on", line))

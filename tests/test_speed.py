@@ -183,3 +183,17 @@ def test_evaluation_runs_in_the_run_precision_and_the_tags_say_which() -> None:
     assert logits.dtype == torch.float32
     assert loss == pytest.approx(F.cross_entropy(logits, split.labels).item(), rel=1e-5)
     assert error == pytest.approx(100.0 * (logits.argmax(1) != split.labels).float().mean().item())
+
+
+def test_fuse_rule_forces_on_and_off_and_never_fuses_one_net() -> None:
+    """--fuse on|off force it; auto fuses on CPU with 2+ threads (measured faster) but not with one
+    (measured slower), and on CUDA (unmeasured: HFTA's evidence); a lone net has nothing to fuse with."""
+    from resnet_lab.speed import FUSE_CHOICES, choose_fuse
+    assert FUSE_CHOICES == ("auto", "on", "off")
+    assert choose_fuse(CPU, "auto", 6, threads=2) and not choose_fuse(CPU, "auto", 6, threads=1)
+    assert choose_fuse(CUDA, "auto", 6) and choose_fuse(CPU, "on", 2, threads=1)
+    for device in (CPU, CUDA):
+        assert not choose_fuse(device, "off", 6, threads=2)
+        assert not any(choose_fuse(device, asked, 1, threads=2) for asked in FUSE_CHOICES)
+    assert not choose_fuse(torch.device("mps"), "auto", 6)  # never measured: stays unfused
+    assert choose_fuse(torch.device("mps"), "on", 6)

@@ -445,7 +445,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_study(tmp_path: Path
         at = torch.load(ckpt, weights_only=False)["iteration"]
         stored = _last_step(db, "train/loss")
         client = MlflowClient(f"sqlite:///{db}")
-        killed_runs = _children(client, "kill")  # both nets, when the study trains them fused (auto on a CPU)
+        killed_runs = _children(client, "kill")  # both nets if the study trained them fused (--fuse on)
         before = killed_runs["plain-8-s0"]
         assert all(r.info.status == "RUNNING" for r in killed_runs.values())
 
