@@ -38,6 +38,8 @@ import os
 import statistics
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,13 +56,18 @@ from resnet_lab.data import DeviceLoader, Split
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, parse_model_name
 from resnet_lab.probes import Probes
+from resnet_lab import speed as speed_mod
 from resnet_lab.speed import CompiledStep, Speed, native_bf16, plan, step_model
+from resnet_lab.studyfile import Study, load_scales
 
 BATCH = 128
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 MODELS = ["resnet-20", "resnet-56", "resnet-110", "plain-56"]
-STUDY = [f"{arch}-{d}" for arch in ("plain", "resnet") for d in (20, 32, 44, 56, 110)]  # cifar10_paper
-STUDY_ITERATIONS = 64_000
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+# Published training-set sizes and image sides, for runs given in epochs and for scaling a step's time
+# from the CIFAR-shaped 32x32 batches measured here (a conv net's work grows with the pixels).
+TRAIN_IMAGES = {"cifar10": 50_000, "fashion-mnist": 60_000, "synthetic": 2048}
+IMAGE_SIDE = {"cifar10": 32, "fashion-mnist": 28, "synthetic": 28}
 DEFAULTS = {  # CPU: a whole run stays within ~5 min on 2 idle cores
     "cpu": dict(windows=3, steps=3, warmup=2, images=50_000, ref_workers=[0, 2]),
     "cuda": dict(windows=10, steps=50, warmup=30, images=50_000, ref_workers=[2, min(8, os.cpu_count() or 2)]),
@@ -123,7 +130,8 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 
 def variant_label(speed: Speed) -> str:
     layout = speed.tags()["memory_format"]
-    return f"lab {speed.precision} {layout}" + (" compiled" if speed.compile else "")
+    mode = "" if speed.compile_mode == "default" else f" {speed.compile_mode}"
+    return f"lab {speed.precision} {layout}" + (f" compiled{mode}" if speed.compile else "")
 
 
 class LabLoop:
@@ -134,7 +142,7 @@ class LabLoop:
         self.model = build_model(name).to(device, memory_format=speed.memory_format).train()
         self.step_model = step_model(self.model, speed)
         c = self.cfg
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        self.opt = speed.sgd(self.model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         loader = DeviceLoader(split, batch_size=BATCH, device=device, mean=CIFAR_MEAN, std=CIFAR_STD,
                               train=True, augment=c.augment, seed=c.seed)
         self.batches = loader.batches()
@@ -157,10 +165,11 @@ def synthetic_split(n: int) -> Split:
                  torch.randint(0, 10, (n,), generator=g))
 
 
-def variants(device: torch.device, precisions: list[str], formats: list[str], compile_step: bool) -> list[Speed]:
-    """Every precision x layout (x compile) asked for, on ``device``."""
-    return [Speed(device.type, p, FORMATS[f], c) for c in ([False, True] if compile_step else [False])
-            for p in precisions for f in formats]
+def variants(device: torch.device, precisions: list[str], formats: list[str], compile_modes: list[str],
+             eager: bool = True) -> list[Speed]:
+    """Every precision x layout asked for, eager and compiled in each of ``compile_modes``, on ``device``."""
+    runs = ([(False, "default")] if eager else []) + [(True, m) for m in compile_modes]
+    return [Speed(device.type, p, FORMATS[f], c, m) for c, m in runs for p in precisions for f in formats]
 
 
 def bench_model(name: str, device: torch.device, split: Split, *, windows: int, steps: int, warmup: int,
@@ -186,7 +195,11 @@ def bench_model(name: str, device: torch.device, split: Split, *, windows: int, 
     for loop in loops:
         rs = rates[loop.label]
         ratios = [a / b for a, b in zip(rs, rates[best.label])]
+        sp = loop.speed if isinstance(loop, LabLoop) else None
+        compiled = sp is not None and isinstance(loop.step_model, CompiledStep) and loop.step_model.compiled
         rows.append({"model": name, "device": device.type, "loop": loop.label, "workers": loop.workers,
+                     "precision": sp.precision if sp else "fp32", "compiled": compiled,
+                     "compile_mode": sp.compile_mode if sp and sp.compile else "",
                      "first_step_s": first_step[loop.label],
                      "images_per_s": median(rs), "min": min(rs), "max": max(rs), "windows": windows,
                      "steps": steps, "ratio_to_reference": median(ratios),
@@ -196,24 +209,80 @@ def bench_model(name: str, device: torch.device, split: Split, *, windows: int, 
     return rows
 
 
-def study_hours(rates: dict[str, float]) -> tuple[float, list[str]]:
-    """Hours for the 10 cifar10_paper nets x 64k steps, one after another, from img/s per model.
+def shipped_studies() -> list[Study]:
+    """The full scale of every study in experiments/ (what ``make depth-study`` runs on a GPU)."""
+    return [load_scales(path)["full"] for path in sorted(EXPERIMENTS.glob("*.toml"))]
 
-    Unmeasured depths: seconds/step from a least-squares line in depth through the measured
-    models (both families: the shortcut add is cheap), or proportional to depth from a single
-    depth. Training steps only (evaluation adds about 1-2 %).
+
+def run_steps(cfg: TrainConfig) -> int:
+    """A run's training steps: ``iterations``, or epochs x full batches of its training set."""
+    if cfg.epochs is None:
+        return cfg.iterations
+    images = (cfg.train_size or TRAIN_IMAGES[cfg.dataset] - cfg.val_size)
+    return cfg.epochs * (images // cfg.batch_size)
+
+
+def step_scale(cfg: TrainConfig) -> float:
+    """A run's step time over a measured 32x32, batch-128 step: batch and pixels (resize included)."""
+    side = cfg.resize or IMAGE_SIDE[cfg.dataset]
+    return cfg.batch_size / BATCH * side * side / (32 * 32)
+
+
+@dataclass
+class Projection:
+    study: str
+    runs: int  # the study's runs at full scale (nets x seeds)
+    projected: int  # runs whose model family was measured
+    hours: float  # those runs' training steps, one after another
+    scaled: list[str]  # models whose step time comes from the depth line, not a measurement
+    missing: list[str]  # models of a family not measured at all: left out of ``hours``
+
+
+def project(rates: dict[str, float], study: Study) -> Projection:
+    """Hours for every run of ``study``, one after another, from measured img/s per model (batch 128, 32x32).
+
+    Unmeasured depths: seconds/step from a least-squares line in depth through the measured models
+    of the same family (both archs: the shortcut add is cheap), or proportional to depth from a single
+    depth; then scaled by the run's batch and image size (``step_scale``). Training steps only
+    (evaluation adds about 1-2 %).
     """
     sec = {m: BATCH / r for m, r in rates.items()}
-    depths = np.array([parse_model_name(m).depth for m in sec], dtype=float)
-    times = np.array(list(sec.values()))
-    if len(set(depths)) >= 2:
-        slope, intercept = np.polyfit(depths, times, 1)
-        estimate = lambda d: intercept + slope * d  # noqa: E731
-    else:
-        estimate = lambda d: times.mean() * d / depths.mean()  # noqa: E731
-    scaled = [m for m in STUDY if m not in sec]
-    total = sum(sec.get(m, estimate(parse_model_name(m).depth)) for m in STUDY) * STUDY_ITERATIONS
-    return total / 3600, scaled
+    by_family: dict[str, dict[int, list[float]]] = {}
+    for m, t in sec.items():
+        spec = parse_model_name(m)
+        by_family.setdefault(spec.family, {}).setdefault(spec.depth, []).append(t)
+
+    def estimate(family: str, depth: int) -> float:
+        depths = np.array(sorted(by_family[family]), dtype=float)
+        times = np.array([np.mean(by_family[family][int(d)]) for d in depths])
+        if len(depths) >= 2:
+            slope, intercept = np.polyfit(depths, times, 1)
+            return float(intercept + slope * depth)
+        return float(times.mean() * depth / depths.mean())
+
+    total, scaled, missing, projected = 0.0, [], [], 0
+    for run in study.runs:
+        spec = parse_model_name(run.cfg.model)
+        if spec.name in sec:
+            t = sec[spec.name]
+        elif spec.depth in by_family.get(spec.family, {}):  # the other arch at this depth: the same convs
+            t = float(np.mean(by_family[spec.family][spec.depth]))
+        elif spec.family in by_family:
+            t = estimate(spec.family, spec.depth)
+            scaled.append(spec.name)
+        else:
+            missing.append(spec.name)
+            continue
+        total += t * step_scale(run.cfg) * run_steps(run.cfg)
+        projected += 1
+    return Projection(study.name, len(study.runs), projected, total / 3600, sorted(set(scaled)), sorted(set(missing)))
+
+
+def projection_line(kind: str, where: str, p: Projection) -> str:
+    note = f"; depth-scaled (not measured): {', '.join(p.scaled)}" if p.scaled else ""
+    note += f"; not projected (family not measured): {', '.join(p.missing)}" if p.missing else ""
+    return (f"projection, {kind} on {where}: {p.study} study ({p.projected} of {p.runs} runs, full scale, one after "
+            f"another, training steps only) = {fmt_hours(p.hours)}{note}")
 
 
 def bf16_capability(device: torch.device) -> str:
@@ -242,6 +311,12 @@ def main() -> None:
     p.add_argument("--images", type=int, help="synthetic training images (default 50000)")
     p.add_argument("--compile", action="store_true",
                    help="also time each lab variant with its model torch.compile'd for the step (--set compile=true)")
+    p.add_argument("--compile-modes", nargs="+", choices=["default", "reduce-overhead"],
+                   help="with --compile: the torch.compile modes to time (default: default; reduce-overhead = CUDA "
+                        "graphs over the step, --set compile_mode=reduce-overhead)")
+    p.add_argument("--compiled-only", action="store_true", help="with --compile: leave out the eager lab variants")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default inductor; 'eager' traces without compiling: a plumbing check)")
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                    help="lab precisions to time (default both; bf16 is emulated, so slow, without native bf16)")
     p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
@@ -264,6 +339,7 @@ def main() -> None:
     models = ["resnet-20"] if args.quick and args.models == MODELS else args.models
     set_threads(args.threads, p)
     torch.backends.cudnn.benchmark = True
+    speed_mod.COMPILE_BACKEND = args.compile_backend
 
     print(header(devices))
     for dev in devices:
@@ -280,7 +356,8 @@ def main() -> None:
         split = synthetic_split(opt["images"])
         print(f"\n{dev.type}: {opt['images']} images, warm-up {opt['warmup']} steps, {opt['windows']} windows x "
               f"{opt['steps']} steps per loop, reference workers {opt['ref_workers']}")
-        speeds = variants(dev, args.precisions, args.formats, args.compile)
+        modes = (args.compile_modes or ["default"]) if args.compile else []
+        speeds = variants(dev, args.precisions, args.formats, modes, eager=not (args.compile and args.compiled_only))
         auto = variant_label(plan(dev, "auto", None, TrainConfig().iterations))
         print(f"auto (resnet_lab.speed.plan, a default {TrainConfig().iterations}-iteration run): {auto}")
         print("\n| model | device | reference img/s (workers) | loop | img/s | lab/ref | q1-q3 | first step s |"
@@ -306,11 +383,9 @@ def main() -> None:
         labs = dict.fromkeys(r["loop"] for r in dev_rows if r["workers"] is None)
         kinds += [(lab, lambda r, lab=lab: r["loop"] == lab) for lab in labs]
         for kind, pick in kinds:
-            hours, scaled = study_hours({r["model"]: r["images_per_s"] for r in dev_rows if pick(r)})
-            note = f"; depth-scaled (not measured): {', '.join(scaled)}" if scaled else ""
-            print(f"projection, {kind} on {device_name(dev)}: cifar10_paper study (10 nets x "
-                  f"{STUDY_ITERATIONS} iterations, batch {BATCH}, one after another, training steps only) "
-                  f"= {fmt_hours(hours)}{note}")
+            for study in shipped_studies():
+                print(projection_line(kind, device_name(dev),
+                                      project({r["model"]: r["images_per_s"] for r in dev_rows if pick(r)}, study)))
         rows += [r | {"device_name": device_name(dev), "torch": torch.__version__} for r in dev_rows]
     print(f"\n{load()} at end")
     if args.csv:

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,15 +49,26 @@ class TrainState:
     iteration: int = 0  # iterations done
     window_iters: int = 0  # iterations since the last log point
     last: dict[str, float] = field(default_factory=dict)  # the last value of each logged metric
+    # Where the probes' grad-norm rows go (``history_path``), appended, instead of into every checkpoint:
+    # they grow by one row per step, so a checkpoint holding them grew, and took longer, all run long.
+    history: Path | None = None
+    history_rows: int = 0  # rows of ``history`` written so far by this process or found there on resume
 
     def capture(self, run_id: str, config_hash: str) -> dict[str, Any]:
         """The checkpoint: this state plus the run it belongs to and the config it trains.
 
         Only tensors, numbers, strings and plain containers, so ``load`` can refuse anything else.
+        With ``history`` set, the grad-norm rows not yet in that file are appended to it first
+        (fsynced) and the checkpoint records only their count.
         """
+        probes = self.probes.state_dict(rows_elsewhere=self.history is not None)
+        if self.history is not None:
+            iterations, rows = self.probes.grad_history()
+            append_rows(self.history, self.history_rows, iterations[self.history_rows:], rows[self.history_rows:])
+            self.history_rows = len(iterations)
         return {"version": FORMAT_VERSION, "run_id": run_id, "config_hash": config_hash, "iteration": self.iteration,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(), "probes": self.probes.state_dict(), "stats": self.window.clone(),
+                "loader": self.loader.state_dict(), "probes": probes, "stats": self.window.clone(),
                 "window_iters": self.window_iters, "last": dict(self.last), "rng": torch.get_rng_state(),
                 "cuda_rng": _own_cuda_rng(self.window.device)}
 
@@ -75,7 +87,12 @@ class TrainState:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.loader.load_state_dict(saved["loader"])
-        self.probes.load_state_dict(saved["probes"])
+        probes = saved["probes"]
+        rows = None
+        if probes["grad_rows"] is None and probes.get("grad_count"):
+            rows = read_rows(self.history, probes["grad_count"], probes["grad_columns"])
+            self.history_rows = probes["grad_count"]
+        self.probes.load_state_dict(probes, rows)
         self.window.copy_(saved["stats"])
         self.iteration, self.window_iters, self.last = saved["iteration"], saved["window_iters"], dict(saved["last"])
         torch.set_rng_state(saved["rng"].cpu())
@@ -99,6 +116,56 @@ def checkpoint_path(cfg: TrainConfig) -> Path | None:
     if cfg.checkpoint_every == 0:
         return None
     return Path(cfg.checkpoint_dir) / cfg.experiment / f"{cfg.name}-{cfg.config_hash()}.pt"
+
+
+def history_path(checkpoint: Path | None) -> Path | None:
+    """The file beside a checkpoint that holds its run's grad-norm rows (``TrainState.history``)."""
+    return None if checkpoint is None else checkpoint.with_name(f"{checkpoint.name}.grad_rows")
+
+
+def remove_checkpoint(path: Path) -> None:
+    """A finished run's checkpoint, its rows file and any temp file of a killed writer."""
+    path.unlink(missing_ok=True)
+    history_path(path).unlink(missing_ok=True)
+    remove_stale_temps(path)
+
+
+def _row_dtype(columns: int) -> np.dtype:
+    return np.dtype([("iteration", "<i8"), ("row", "<f4", (columns,))])
+
+
+def append_rows(path: Path, start: int, iterations: list[int], rows: np.ndarray) -> None:
+    """Write rows ``start..`` of the rows file (anything after ``start``: rows of a process killed
+    before its next checkpoint, now rewritten), fsynced. Rows before ``start`` are never touched, so
+    the checkpoint on disk, which counts at most ``start`` of them, stays whole whatever happens here."""
+    if not len(iterations):
+        return
+    records = np.empty(len(iterations), _row_dtype(rows.shape[1]))
+    records["iteration"], records["row"] = iterations, rows
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "r+b" if path.exists() else "wb") as f:
+            f.seek(start * records.dtype.itemsize)
+            f.truncate()
+            f.write(records.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"could not write checkpoint rows {path}: {why}; the previous checkpoint is kept") from e
+
+
+def read_rows(path: Path | None, count: int, columns: int) -> tuple[list[int], np.ndarray]:
+    """The first ``count`` rows of a rows file, as (iterations, rows); one line if they are not there."""
+    dtype = _row_dtype(columns)
+    try:
+        records = np.fromfile(path, dtype=dtype, count=count) if path is not None else None
+    except (OSError, ValueError):
+        records = None
+    if records is None or len(records) < count:
+        raise UserError(f"the checkpoint's gradient-norm rows ({path}) are missing or short of the {count} it "
+                        "counts; delete the checkpoint to start the run afresh")
+    return records["iteration"].tolist(), records["row"].copy()
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -172,6 +239,31 @@ def load(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} has an unknown format (written by another resnet_lab version?); "
                         "delete it to start the run afresh")
     return state
+
+
+def refuse_other_hardware(path: Path, saved: dict[str, Any], device_type: str, precision: str) -> None:
+    """A checkpoint resumes only on the device type and in the precision it was written in; otherwise
+    one line naming what differs and how to resume it without changing the run's config (its hash).
+
+    The precision can differ only under ``precision=auto`` (a set precision is the same everywhere),
+    where ``speed.native_bf16`` picked it: so the way back is a machine that picks the same, or, on a
+    CPU, ``RESNET_LAB_CPU_BF16`` answering that question as the writing machine did.
+    """
+    written, here = (saved["device_type"], saved["precision"]), (device_type, precision)
+    if written == here:
+        return
+    what = f"checkpoint {path} was written on {written[0]} in {written[1]}, this run is on {here[0]} in {here[1]}"
+    if written[0] != here[0]:
+        raise UserError(f"{what} (the device differs): resume it with --device {written[0]}, or delete it to train "
+                        "afresh here")
+    why = f"precision=auto picks {here[1]} here"
+    if here[0] == "cpu":
+        has = "has no" if here[1] == "fp32" else "has"
+        raise UserError(f"{what} ({why}: this CPU {has} native bf16): resume it with RESNET_LAB_CPU_BF16="
+                        f"{int(written[1] == 'bf16')} in the environment (bf16 without native units is emulated: "
+                        "slower, same numbers), or delete it to train afresh here")
+    raise UserError(f"{what} ({why}): resume it on a {here[0]} device where precision=auto picks {written[1]}, or "
+                    "delete it to train afresh here")
 
 
 class CheckpointError(RuntimeError):

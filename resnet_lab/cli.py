@@ -25,8 +25,9 @@ class _Parser(argparse.ArgumentParser):
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="plain-N / resnet-N, N = 6n+2 (CIFAR family) or 18/34 (ImageNet family)")
     p.add_argument("--dataset", help="fashion-mnist, cifar10 or synthetic")
-    p.add_argument("--iterations", type=int, help="training iterations (replaces epochs)")
-    p.add_argument("--epochs", type=int, help="training epochs, the d2l form (replaces iterations)")
+    # read as --set reads them (config.apply), so 1e5 works and one bound applies either way
+    p.add_argument("--iterations", help="training iterations (replaces epochs)")
+    p.add_argument("--epochs", help="training epochs, the d2l form (replaces iterations)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--data-dir", help="directory with the dataset's original files")

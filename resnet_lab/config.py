@@ -21,8 +21,15 @@ from typing import Any
 from .data import DATASETS
 from .errors import UserError
 from .models import SHORTCUTS, canonical_name, parse_model_name
-from .speed import PRECISIONS, cxx_missing
+from .speed import COMPILE_MODES, PRECISIONS, cxx_missing
 from .tracking import NOT_TRAINING
+
+# An MLflow experiment's name (a study's name is its experiment; checkpoints live in a folder of it):
+# the one rule for both, so an empty, blank or path-like name is refused before anything is written.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# The longest run the lab starts: 156x the paper's 64k steps, ~12 days of resnet-110 on a fast GPU;
+# a longer one (a typo, an exponent: 1e20) could never finish. One bound however the number is given.
+MAX_ITERATIONS = 10_000_000
 
 
 @dataclass
@@ -73,6 +80,9 @@ class TrainConfig:
     # torch.compile the model for the training step: true / false, or unset (auto: where it pays
     # for its compile time at the run's length, resnet_lab.speed); see docs/benchmarks.md
     compile: bool | None = None
+    # auto / default / reduce-overhead (CUDA graphs over the compiled step); auto: reduce-overhead on
+    # CUDA, default elsewhere (resnet_lab.speed.choose_compile_mode)
+    compile_mode: str = "auto"
     tracking_uri: str | None = None
     experiment: str = "resnet_lab"
     run_name: str | None = None  # default "<model>-s<seed>"
@@ -111,6 +121,8 @@ class TrainConfig:
         if (self.iterations is None) == (self.epochs is None):
             raise UserError("set exactly one of iterations and epochs (e.g. --set epochs=10 --set iterations=none)")
         _positive(self, "iterations" if self.epochs is None else "epochs")
+        check_run_length("iterations" if self.epochs is None else "epochs",
+                         self.iterations if self.epochs is None else self.epochs)
         ms = self.milestones or []
         if any(b <= a for a, b in zip(ms, ms[1:])) or any(m <= 0 for m in ms):
             raise UserError(f"milestones must be positive and strictly increasing iterations, got {self.milestones}")
@@ -119,8 +131,11 @@ class TrainConfig:
         check_device_name(self.device)
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.compile:
             _check_compile(self.device)
+        check_experiment_name(self.experiment, "experiment")
         return self
 
     def resolved(self, total_iterations: int) -> "TrainConfig":
@@ -132,6 +147,8 @@ class TrainConfig:
 
     def check_schedule(self, total_iterations: int) -> None:
         """Milestones and warm-up must fall inside the run (also checked once epochs are resolved)."""
+        if self.epochs is not None:
+            check_run_length(f"{self.epochs} epochs", total_iterations, unit=" iterations")
         if self.milestones and self.milestones[-1] >= total_iterations:
             raise UserError(f"milestone {self.milestones[-1]} is not before the last iteration {total_iterations}: "
                             "lower the milestones or raise iterations")
@@ -156,6 +173,20 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def check_run_length(what: str, value: int, unit: str = "") -> None:
+    """``MAX_ITERATIONS``, the one bound on a run's length (``--iterations``, ``--set``, a config file, epochs)."""
+    if value > MAX_ITERATIONS:
+        raise UserError(f"{what} must be at most {MAX_ITERATIONS:,}{unit} (the paper's runs are 64,000), got "
+                        f"{value:,}{unit}: a run that long would never finish")
+
+
+def check_experiment_name(name: object, what: str) -> None:
+    """The one rule for experiment and study names (``NAME_RE``)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise UserError(f"{what} must be a short name of letters, digits, '_', '.' or '-' (it is the MLflow "
+                        f"experiment), got {name!r}")
 
 
 def check_device_name(name: str) -> None:

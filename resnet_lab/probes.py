@@ -356,23 +356,34 @@ class Probes:
             self._drained_step = step
         return out
 
-    def state_dict(self) -> dict:
+    def grad_history(self) -> tuple[list[int], np.ndarray]:
+        """(iteration of each row, rows [n, columns]) of every grad-norm row measured so far, flushed."""
+        g = self.grad
+        return (list(g.iterations), g.rows()) if g is not None else ([], np.zeros((0, 0), np.float32))
+
+    def state_dict(self, rows_elsewhere: bool = False) -> dict:
         """Everything measured so far, on the host, so a resumed run writes the same tables.
 
         Pending eval metrics are part of it: a checkpoint taken between ``measure`` and
-        ``drain`` must not lose them.
+        ``drain`` must not lose them. The grad-norm rows (one per step: most of the history) are
+        left out with ``rows_elsewhere``: only their count is kept, and the caller stores the rows
+        (``grad_history``) where they need not be rewritten at every checkpoint.
         """
-        g = self.grad
-        return {"grad_rows": torch.from_numpy(g.rows().copy()) if g is not None else None,  # a tensor: weights_only
-                "grad_iterations": list(g.iterations) if g is not None else [],
+        iterations, rows = self.grad_history()
+        inline = self.grad is not None and not rows_elsewhere
+        return {"grad_rows": torch.from_numpy(rows.copy()) if inline else None,  # a tensor: weights_only
+                "grad_iterations": iterations if inline else [],
+                "grad_count": len(iterations), "grad_columns": rows.shape[1],
                 "drained_step": self._drained_step, "pending": list(self._pending),
                 "flow": vars(self._flow).copy(), "resp": vars(self._resp).copy()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, rows: tuple[list[int], np.ndarray] | None = None) -> None:
+        """Put back a ``state_dict``; ``rows`` = (iterations, rows) kept elsewhere when it left them out."""
         g = self.grad
-        if g is not None and state["grad_rows"] is not None:
+        if g is not None and (state["grad_rows"] is not None or rows is not None):
+            iterations, values = rows if rows is not None else (state["grad_iterations"], state["grad_rows"].numpy())
             g._full, g._pending_iters = [], []
-            g._host, g.iterations = [state["grad_rows"].numpy()], list(state["grad_iterations"])
+            g._host, g.iterations = [np.asarray(values, dtype=np.float32)], list(iterations)
         self._drained_step, self._pending = state["drained_step"], list(state["pending"])
         self._flow, self._resp = _PointSeries(**state["flow"]), _PointSeries(**state["resp"])
 

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import TrainState, remove_stale_temps, save_atomic
+from .checkpoint import TrainState, refuse_other_hardware, remove_checkpoint, save_atomic
 from .checkpoint import load as load_checkpoint
-from .errors import UserError
 from .models import count_parameters
 from .tracking import RunTracker, git_commit, resolve_tracking_uri, system_metrics_enabled
 
@@ -60,12 +59,9 @@ def resumable_checkpoint(setup: Setup) -> dict | None:
     saved = load_checkpoint(path)
     if saved.get("config_hash") != setup.config_hash:
         return None
-    written, here = (saved["device_type"], saved["precision"]), (setup.device.type, setup.speed.precision)
-    if written != here:
-        # The rest of the run would switch precision, and the epoch's permutation would be redrawn by
-        # another device's generator (some images repeated, others skipped): not the same training.
-        raise UserError(f"checkpoint {path} was written on {written[0]} in {written[1]}, this run is on {here[0]} in "
-                        f"{here[1]}: resume it with --device {written[0]}, or delete it to train afresh here")
+    # The rest of the run would switch precision, or the epoch's permutation would be redrawn by
+    # another device's generator (some images repeated, others skipped): not the same training.
+    refuse_other_hardware(path, saved, setup.device.type, setup.speed.precision)
     return saved
 
 
@@ -113,8 +109,7 @@ def end_run(setup: Setup, tracker: RunTracker, status: str, reason: str | None =
     checkpoint; a stopped or crashed one keeps it (``keep_checkpoint``), for the rerun to resume."""
     tracker.finish(status, reason)
     if setup.checkpoint is not None and not keep_checkpoint:
-        setup.checkpoint.unlink(missing_ok=True)
-        remove_stale_temps(setup.checkpoint)
+        remove_checkpoint(setup.checkpoint)
 
 
 def final_errors(last: dict[str, float]) -> dict[str, float]:

@@ -1,9 +1,15 @@
-"""How a run's step goes fast on the device at hand: precision, memory layout, torch.compile, fusion.
+"""How a run's step goes fast on the device at hand: precision, memory layout, torch.compile, SGD form,
+fusion.
 
-``plan`` decides all three once per run (``train.prepare``); the training step, evaluation and
-the run's tags all read its answer, so a run never mixes precisions or layouts. The rules are
-measured, not assumed: the numbers behind them are in docs/benchmarks.md ("Precision, layout
-and compile on CPU").
+``plan`` decides them once per run (``train.prepare``); the training step, the optimiser,
+evaluation and the run's tags all read its answer, so a run never mixes precisions or layouts.
+The CPU rules are measured, not assumed: the numbers behind them are in docs/benchmarks.md
+("Precision, layout and compile on CPU"). The CUDA compile rule is OPEN: no GPU has measured it
+yet (``benchmarks/gpu_smoke.sh`` prints the numbers that settle it).
+
+``RESNET_LAB_CPU_BF16=1`` (or ``0``) answers the CPU bf16 question instead of the CPU: the test
+suite pins it, so no test's verdict depends on the host's bf16 units (a forced "1" on a CPU
+without them runs bf16 emulated: slower, and as exact).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -20,6 +26,10 @@ from torch import nn
 
 PRECISIONS = ("auto", "fp32", "bf16")
 FUSE_CHOICES = ("auto", "on", "off")
+# "reduce-overhead": inductor plus CUDA graphs over the step (one graph launch instead of ~25 kernel
+# launches per block); "auto": reduce-overhead on CUDA, default elsewhere (CUDA graphs are CUDA only).
+COMPILE_MODES = ("auto", "default", "reduce-overhead")
+CPU_BF16_ENV = "RESNET_LAB_CPU_BF16"
 
 # torch.compile pays for itself on CPU from this many training steps on. Measured on a 2-core AMD
 # EPYC (AVX2), 1 thread, inductor's cache cold, resnet-20 at batch 128 (docs/benchmarks.md): the
@@ -27,6 +37,10 @@ FUSE_CHOICES = ("auto", "on", "off")
 # ~4.5 s step there, i.e. ~500 steps to break even (both scale with the load); 1,000 leaves a margin
 # for smaller batches (less saved per step) and for the noise of those measurements.
 COMPILE_AFTER_ITERATIONS_CPU = 1000
+# OPEN, a first guess that no GPU has measured (docs/benchmarks.md, "CUDA compile rule"): a resnet-20
+# step is launch-bound on an H100, so CUDA graphs should save most of a ~10 ms eager step, and a
+# compile costs ~1-2 min; 2,000 steps would repay it. gpu_smoke.sh prints the break-even it measures.
+COMPILE_AFTER_ITERATIONS_CUDA = 2000
 # Where the step model is compiled; tests swap in a counting backend (compiling for real takes minutes).
 COMPILE_BACKEND: str | Callable = "inductor"
 
@@ -41,7 +55,17 @@ def native_bf16(device: torch.device) -> bool:
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    if device.type != "cpu":
+        return False
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return cpu_bf16_units()
+
+
+def cpu_bf16_units() -> bool:
+    """This CPU's own answer (AMX tiles or AVX512-BF16), whatever ``RESNET_LAB_CPU_BF16`` says."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 def cxx_missing() -> str | None:
@@ -52,12 +76,13 @@ def cxx_missing() -> str | None:
 
 @dataclass(frozen=True)
 class Speed:
-    """What ``plan`` decided for a run: autocast dtype (None: fp32), memory layout, compile."""
+    """What ``plan`` decided for a run: autocast dtype (None: fp32), memory layout, compile and its mode."""
 
     device_type: str
     precision: str  # "fp32" or "bf16", never "auto"
     memory_format: torch.memory_format
     compile: bool
+    compile_mode: str = "default"  # "default" or "reduce-overhead", never "auto"
 
     def autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -67,13 +92,22 @@ class Speed:
 
     def tags(self) -> dict[str, str]:
         layout = "channels_last" if self.memory_format == torch.channels_last else "contiguous"
-        return {"precision": self.precision, "memory_format": layout, "compiled": str(self.compile).lower()}
+        return {"precision": self.precision, "memory_format": layout, "compiled": str(self.compile).lower(),
+                "compile_mode": self.compile_mode if self.compile else "none"}
+
+    def sgd(self, params: Iterable[nn.Parameter], *, lr: float, momentum: float,
+            weight_decay: float) -> torch.optim.SGD:
+        """The run's SGD in the fastest form for its device that keeps its promises (``sgd_options``)."""
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               **sgd_options(self.device_type))
 
 
-def plan(device: torch.device, precision: str, compile: bool | None, iterations: int) -> Speed:
+def plan(device: torch.device, precision: str, compile: bool | None, iterations: int,
+         compile_mode: str = "auto") -> Speed:
     """The one place that decides precision, layout and compile for a run of ``iterations`` on ``device``."""
     chosen = choose_precision(device, precision)
-    return Speed(device.type, chosen, choose_memory_format(device), choose_compile(device, compile, iterations))
+    return Speed(device.type, chosen, choose_memory_format(device), choose_compile(device, compile, iterations),
+                 choose_compile_mode(device, compile_mode))
 
 
 def choose_precision(device: torch.device, asked: str) -> str:
@@ -96,12 +130,13 @@ def choose_memory_format(device: torch.device) -> torch.memory_format:
 
 def choose_compile(device: torch.device, asked: bool | None, iterations: int) -> bool:
     """``compile`` true/false forces it; unset (auto) compiles the step where it pays for its
-    compile time: CPU runs of at least ``COMPILE_AFTER_ITERATIONS_CPU`` steps with a C++ compiler.
-
-    On CUDA auto stays eager until a GPU measurement says from which run length it pays.
+    compile time: CPU runs of at least ``COMPILE_AFTER_ITERATIONS_CPU`` steps with a C++ compiler,
+    CUDA runs of at least ``COMPILE_AFTER_ITERATIONS_CUDA`` steps (OPEN: not yet measured on a GPU).
     """
     if asked is not None:
         return asked
+    if device.type == "cuda":
+        return iterations >= COMPILE_AFTER_ITERATIONS_CUDA
     return device.type == "cpu" and iterations >= COMPILE_AFTER_ITERATIONS_CPU and cxx_missing() is None
 
 
@@ -133,6 +168,23 @@ def choose_fuse(device: torch.device, asked: str, nets: int, threads: int | None
     return device.type == "cuda"
 
 
+def choose_compile_mode(device: torch.device, asked: str) -> str:
+    """``auto``: CUDA graphs over the step (``reduce-overhead``) on CUDA, where a small net's step is
+    launch-bound; inductor's ``default`` elsewhere (a CPU step is compute-bound and has no graphs)."""
+    if asked != "auto":
+        return asked
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def sgd_options(device_type: str) -> dict[str, bool]:
+    """The form of SGD the run uses. CUDA: ``fused`` (one kernel for all parameters instead of a few
+    per parameter: the step is launch-bound there). CPU: the per-parameter loop, bit-identical to
+    ``foreach``; torch's fused CPU kernel is a little faster (1.4 vs 1.7 ms of a resnet-20 step of
+    seconds) but not bit-identical (its fused multiply-add: 1e-7 apart after 20 steps), and CPU runs
+    are where the lab promises exact reruns and resumes (tests/test_speed.py checks both)."""
+    return {"fused": True} if device_type == "cuda" else {"foreach": False} if device_type == "cpu" else {}
+
+
 class CompiledStep:
     """The model ``torch.compile``'d for the training step, or eager if compiling fails.
 
@@ -143,16 +195,19 @@ class CompiledStep:
     runs, so the batch is simply run again, eagerly.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, mode: str = "default") -> None:
         import torch._dynamo  # not imported with torch; seconds to import, so only when compiling
 
         torch._dynamo.reset()
-        self.eager = model
-        self.fn: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model, backend=COMPILE_BACKEND)
+        self.eager, self.graphs = model, mode == "reduce-overhead"
+        options = {"mode": mode} if mode != "default" else {}
+        self.fn: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model, backend=COMPILE_BACKEND, **options)
         self.compiled = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         try:
+            if self.graphs and self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done
             return self.fn(x)
         except torch._dynamo.exc.TorchDynamoException as e:  # inductor's errors derive from it too
             if not self.compiled:
@@ -165,4 +220,4 @@ class CompiledStep:
 
 def step_model(model: nn.Module, speed: Speed) -> nn.Module | CompiledStep:
     """What the training step calls: the model itself, or its compiled twin when ``speed.compile``."""
-    return CompiledStep(model) if speed.compile else model
+    return CompiledStep(model, speed.compile_mode) if speed.compile else model

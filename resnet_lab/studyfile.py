@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, apply
+from .config import TrainConfig, apply, check_experiment_name
 from .diagnostics import settings as DIAG
 from .errors import UserError
 from .models import parse_model_name
@@ -50,7 +49,6 @@ from .speed import FUSE_CHOICES
 
 SCALES = ("cpu", "full")
 ARCHS = {"plain": "plain", "resnet": "resnet", "residual": "resnet"}  # study arch -> model name prefix
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 GRID_KEYS = ("archs", "depths", "models", "seeds")
 TOP_KEYS = ("name", "description", *GRID_KEYS, "fuse", "train", "overrides", "diagnostics", "cpu")
 CPU_KEYS = ("description", *GRID_KEYS, "fuse", "train", "overrides", "diagnostics")
@@ -147,9 +145,10 @@ def load_scales(path: str | Path) -> dict[str, Study]:
     _check_keys(data, TOP_KEYS, "", err, "a study has name, description, archs, depths, models, seeds, fuse, "
                 "[train], [overrides.MODEL] and [cpu]")
     name = data.get("name", path.stem)
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise err(f"name must be a short name of letters, digits, '_', '.' or '-' (it is the MLflow "
-                  f"experiment), got {name!r}")
+    try:
+        check_experiment_name(name, "name")
+    except UserError as e:
+        raise err(str(e)) from None
     description = _string(data, "description", "", err) or ""
     if "cpu" not in data:
         raise err("missing [cpu] table: the reduced settings used on machines without CUDA "

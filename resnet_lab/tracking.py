@@ -40,7 +40,7 @@ Point = tuple[str, float, int]  # (metric name, value, step)
 # Logged params that say where things live, where runs are logged, how fast or how visibly a run
 # goes: not what is trained. Left out of TrainConfig.config_hash and of the report's configuration
 # table. Here rather than in config so that the report reads it without importing torch (~3 s).
-NOT_TRAINING = ("data_dir", "data_root", "device", "compile", "tracking_uri", "experiment", "progress",
+NOT_TRAINING = ("data_dir", "data_root", "device", "compile", "compile_mode", "tracking_uri", "experiment", "progress",
                 "checkpoint_dir", "checkpoint_every", "eval_batch_size", "log_layer_metrics")
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import runlog
-from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path
+from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path, history_path
 from .config import TrainConfig, check_device_name
 from .data import Dataset, DeviceLoader, load_dataset
 from .errors import UserError, check_can_create
@@ -131,7 +131,7 @@ def prepare(cfg: TrainConfig, datasets: dict[tuple, Dataset] | None = None) -> S
     torch.manual_seed(cfg.seed)  # the same seed gives plain-n and resnet-n the same initial weights
     model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
                         shortcut=cfg.shortcut, zero_init_residual=cfg.zero_init_residual)
-    speed = plan(device, cfg.precision, cfg.compile, iterations)
+    speed = plan(device, cfg.precision, cfg.compile, iterations, cfg.compile_mode)
     return Setup(resolved, cfg.config_hash(), checkpoint_path(cfg), device, speed, data, model, iterations)
 
 
@@ -159,15 +159,16 @@ def start(setups: Sequence[Setup]) -> Group:
     for setup in setups:
         cfg, data = setup.cfg, setup.data
         model = setup.model.to(device, memory_format=speed.memory_format).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+        optimizer = speed.sgd(model.parameters(), lr=lr_at(cfg, 0), momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)  # fused on CUDA, the exact loop on CPU
         loader = DeviceLoader(data.train, batch_size=cfg.batch_size, device=device, mean=data.mean, std=data.std,
                               train=True, augment=cfg.augment, seed=cfg.seed)
         evals = {name: DeviceLoader(split, batch_size=cfg.eval_batch_size, device=device, mean=data.mean,
                                     std=data.std, train=False)
                  for name, split in (("test", data.test), ("val", data.val)) if split is not None}
         probes = make_probes(cfg, model, device, evals["test"])
-        states.append(TrainState(model, optimizer, loader, probes, window=torch.zeros(2, device=device)))
+        states.append(TrainState(model, optimizer, loader, probes, window=torch.zeros(2, device=device),
+                                 history=history_path(setup.checkpoint)))
         eval_loaders.append(evals)
     fused = FusedResNet([s.model for s in setups]) if len(setups) > 1 else None
     step_model = make_step_model(fused or setups[0].model, speed)  # the step only: probes and eval stay eager

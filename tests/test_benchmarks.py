@@ -90,3 +90,32 @@ def test_ui_load_counts_the_chart_cards_in_a_real_browser(report_time: tuple, tm
     assert {"final", "test", "train", "val", "z_probes/grad_norm"} <= set(names)
     assert int(row["cards"]) == sum(names.values()) and names["test"] == 2  # test/error, test/loss
     assert float(row["first_chart_s"]) > 0 and float(row["scroll_to_last_s"]) > 0
+
+
+def _throughput_module() -> object:
+    """benchmarks/throughput.py as a module (it imports bench_common from its own folder)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(BENCH))
+    return throughput
+
+
+def test_the_projection_counts_every_run_of_every_shipped_study() -> None:
+    """cifar10_paper is 10 nets x 5 seeds = 50 runs of 64k steps, not 10 nets (issue 25): at 1280 img/s
+    (0.1 s a step) for every depth, 50 x 64,000 x 0.1 s. Every study in experiments/ is projected."""
+    tp = _throughput_module()
+    studies = {s.name: s for s in tp.shipped_studies()}
+    assert set(studies) == {p.stem for p in (BENCH.parent / "experiments").glob("*.toml")}
+    paper = tp.project({f"resnet-{d}": 1280.0 for d in (20, 32, 44, 56, 110)}, studies["cifar10_paper"])
+    assert (paper.runs, paper.projected, paper.scaled, paper.missing) == (50, 50, [], [])
+    assert paper.hours == pytest.approx(50 * 64_000 * 0.1 / 3600)
+    # Fashion-MNIST: 28x28 images, 9 nets x 3 seeds at 32k steps; resnet-20 and -56 measured, the rest
+    # from their depth line; the d2l study's resnet-18 family is not measured here: left out, and said so
+    fm = tp.project({"resnet-20": 1280.0, "resnet-56": 640.0}, studies["fashion_mnist"])
+    assert (fm.runs, fm.projected, fm.missing) == (27, 27, []) and "resnet-110" in fm.scaled
+    d2l = tp.project({"resnet-20": 1280.0}, studies["d2l_resnet18"])
+    assert (d2l.projected, d2l.missing, d2l.hours) == (0, ["plain-18", "resnet-18"], 0.0)
+    line = tp.projection_line("lab", "cpu", paper)
+    assert "cifar10_paper study (50 of 50 runs" in line

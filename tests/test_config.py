@@ -112,3 +112,62 @@ def test_model_names_are_canonical() -> None:
     cfg = apply(TrainConfig(), {"model": " RESNET-20"}, "--set").validate()
     assert cfg.model == "resnet-20" and cfg.name == "resnet-20-s0"
     assert cfg.config_hash() == TrainConfig(model="resnet-20").config_hash()
+
+
+@pytest.mark.parametrize("name", ["", "   ", " x", "a/b", "x" * 101])
+def test_an_experiment_name_follows_the_study_name_rule_one_line_exit_2_nothing_written(
+        name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--experiment ""`` was a 38-line MlflowException and an mlflow.db; "   " made an experiment named three
+    spaces. Experiment and study names now share one rule (a study's name is its experiment)."""
+    from resnet_lab.cli import main
+    from resnet_lab.studyfile import load_scales
+
+    db = tmp_path / "m.db"
+    code = main(["train", "--model", "resnet-8", "--dataset", "synthetic", "--iterations", "10", "--no-progress",
+                 "--experiment", name, "--tracking-uri", f"sqlite:///{db}", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not db.exists()
+    assert f"experiment must be a short name of letters, digits, '_', '.' or '-' (it is the MLflow experiment), " \
+           f"got {' '.join(repr(name).split())}" in err
+    study = tmp_path / "s.toml"
+    study.write_text(f'name = {name!r}\ndepths = [8]\n[train]\ndataset = "synthetic"\n')
+    with pytest.raises(UserError, match="name must be a short name of letters, digits, '_', '.' or '-'"):
+        load_scales(study)
+    assert TrainConfig(experiment="resnet_lab-1.b").validate().experiment == "resnet_lab-1.b"
+
+
+@pytest.mark.parametrize("args", [["--iterations", "1e20"], ["--set", "iterations=1e20"], ["--iterations", "1e9"],
+                                  ["--set", "iterations=10000001"], ["--config", "{toml}"]])
+def test_one_bound_on_the_run_length_however_the_number_is_given(
+        args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--set iterations=1e20`` started a run that could never finish while ``--iterations 1e9`` was an
+    argparse error: now both are read alike and refused by one bound, with one message."""
+    from resnet_lab.cli import main
+    from resnet_lab.config import MAX_ITERATIONS
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("iterations = 100000000000\n")
+    db = tmp_path / "m.db"
+    code = main(["train", "--model", "resnet-8", "--dataset", "synthetic", "--no-progress", "--device", "cpu",
+                 "--tracking-uri", f"sqlite:///{db}", *[a.format(toml=toml) for a in args]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not db.exists()
+    assert f"iterations must be at most {MAX_ITERATIONS:,} (the paper's runs are 64,000), got " in err
+    assert "a run that long would never finish" in err
+
+
+def test_the_run_length_bound_admits_what_it_should_and_covers_epochs() -> None:
+    from resnet_lab.cli import build_config, make_parser
+    from resnet_lab.config import MAX_ITERATIONS
+
+    def cfg(*args: str) -> TrainConfig:
+        return build_config(make_parser().parse_args(["train", *args]))
+
+    assert cfg("--iterations", "1e5").iterations == 100_000  # the exponent form, as --set reads it
+    assert cfg("--set", f"iterations={MAX_ITERATIONS}").iterations == MAX_ITERATIONS
+    with pytest.raises(UserError, match="iterations expects"):
+        cfg("--iterations", "1.5")
+    with pytest.raises(UserError, match=f"epochs must be at most {MAX_ITERATIONS:,}"):
+        cfg("--epochs", "1e8")
+    with pytest.raises(UserError, match=r"100000 epochs must be at most 10,000,000 iterations .* got 11,700,000 "):
+        TrainConfig(iterations=None, epochs=100_000).validate().resolved(117 * 100_000)

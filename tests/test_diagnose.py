@@ -236,3 +236,29 @@ def test_bad_input_is_one_line_exit_2_and_logs_nothing(tmp_path: Path, tracking_
 
     md = write_report("diag_bad", tracking_uri=tracking_uri, out_dir=tmp_path / "r", log_to_mlflow=False).read_text()
     assert md.count("Not run for this study") == 4 and not list((tmp_path / "r").rglob("lesion.png"))
+
+
+def test_diagnose_holds_one_runs_tensors_on_the_device_at_a_time(
+        tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run is checked before anything is logged, but only on "meta" (no memory); each is put on the
+    device when its turn comes and released after, so a 50-run study holds one run's tensors, not 50."""
+    import resnet_lab.diagnostics.run as diag_run
+
+    path = _trained(tmp_path, tracking_uri, "diag_one_at_a_time")
+    jobs, live_at_measure = [], []
+    real_prepare, real_measure = diag_run.prepare, diag_run.measure
+
+    def prepare(client: object, run: object, job: diag_run.Job, device: object) -> diag_run.Job:
+        jobs.append(job)
+        return real_prepare(client, run, job, device)
+
+    def measure(job: diag_run.Job, name: str) -> tuple:
+        live = {id(j) for j in jobs if j.model is not None and next(j.model.parameters()).device.type != "meta"}
+        live_at_measure.append((job.name, len(live), id(job) in live))
+        return real_measure(job, name)
+
+    monkeypatch.setattr(diag_run, "prepare", prepare)
+    monkeypatch.setattr(diag_run, "measure", measure)
+    assert main(["diagnose", str(path), "--only", "lesion", "--tracking-uri", tracking_uri, "--no-progress"]) == 0
+    assert sorted(live_at_measure) == [("plain-8-s0", 1, True), ("resnet-8-s0", 1, True)]
+    assert all(j.model is None and not j.inputs for j in jobs)  # released after its run

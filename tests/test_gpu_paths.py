@@ -20,11 +20,12 @@ from mlflow import MlflowClient
 import resnet_lab.train as train_mod
 from resnet_lab import launch
 from resnet_lab import study as study_mod
-from resnet_lab.checkpoint import FORMAT_VERSION, checkpoint_path
+from resnet_lab.checkpoint import FORMAT_VERSION, checkpoint_path, history_path, read_rows
 from resnet_lab.checkpoint import load as load_checkpoint
 from resnet_lab.cli import main
 from resnet_lab.config import TrainConfig
 from resnet_lab.errors import UserError
+from resnet_lab.speed import plan
 from resnet_lab.studyfile import load_scales
 from resnet_lab.train import prepare, select_device, train
 
@@ -164,16 +165,18 @@ def test_only_a_file_that_is_not_a_checkpoint_is_called_one_to_delete(tmp_path: 
     assert "cannot read checkpoint" in str(e.value) and "delete" not in str(e.value)
 
 
-def test_checkpoints_the_loop_writes_load_with_weights_only(tracking_uri: str, tmp_path: Path,
+def test_checkpoints_the_loop_writes_load_with_weights_only(tracking_uri: str, tmp_path: Path, cpu_bf16: bool,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Everything a real checkpoint holds (probe tables included) passes ``weights_only``."""
+    """Everything a real checkpoint holds passes ``weights_only``; it names the device and the precision
+    ``precision=auto`` picked (bf16 where the CPU has it), and its 10 grad-norm rows are in the rows file."""
     cfg = _cfg(tracking_uri, "weights-only", checkpoint_every=10, checkpoint_dir=str(tmp_path), iterations=20)
     _stop_at(monkeypatch, 15)
     with pytest.raises(RuntimeError, match="stop"):
         train(cfg)
     saved = torch.load(checkpoint_path(cfg), weights_only=True)
-    assert saved["iteration"] == 10 and saved["probes"]["grad_rows"].shape[0] == 10
-    assert (saved["device_type"], saved["precision"]) == ("cpu", "fp32")
+    assert saved["iteration"] == 10 and saved["probes"]["grad_count"] == 10 and saved["probes"]["grad_rows"] is None
+    assert len(read_rows(history_path(checkpoint_path(cfg)), 10, saved["probes"]["grad_columns"])[0]) == 10
+    assert (saved["device_type"], saved["precision"]) == ("cpu", "bf16" if cpu_bf16 else "fp32")
 
 
 def _stop_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
@@ -214,24 +217,58 @@ def test_cli_device_beyond_the_gpu_count_exits_2_and_creates_nothing(
 
 # ---------------------------------------------------------------- item 5: no resume on another device type
 
-def test_a_cuda_checkpoint_is_not_resumed_on_cpu(tracking_uri: str, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _cfg(tracking_uri, "other-device", checkpoint_every=10, checkpoint_dir=str(tmp_path), iterations=20)
-    _stop_at(monkeypatch, 15)
-    with pytest.raises(RuntimeError, match="stop"):
-        train(cfg)
-    monkeypatch.undo()
-    path = checkpoint_path(cfg)
-    saved = load_checkpoint(path)
-    torch.save(saved | {"device_type": "cuda", "precision": "bf16"}, path)  # as a CUDA run would have written it
+def _killed_checkpoint(tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                       experiment: str) -> tuple[TrainConfig, Path]:
+    """A run stopped at iteration 15 (a FAILED run) and its checkpoint of iteration 10."""
+    cfg = _cfg(tracking_uri, experiment, checkpoint_every=10, checkpoint_dir=str(tmp_path), iterations=20)
+    with monkeypatch.context() as m:
+        _stop_at(m, 15)
+        with pytest.raises(RuntimeError, match="stop"):
+            train(cfg)
+    return cfg, checkpoint_path(cfg)
+
+
+def _refused(cfg: TrainConfig, tracking_uri: str, path: Path) -> str:
+    """The one-line refusal; the run and the checkpoint are left as they were."""
     client = MlflowClient(tracking_uri)
-    (before,) = client.search_runs([client.get_experiment_by_name("other-device").experiment_id])
+    (before,) = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
     with pytest.raises(UserError) as e:
         train(cfg)
-    assert str(e.value) == (f"checkpoint {path} was written on cuda in bf16, this run is on cpu in fp32: resume it "
-                            "with --device cuda, or delete it to train afresh here")
-    (after,) = client.search_runs([client.get_experiment_by_name("other-device").experiment_id])
+    (after,) = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
     assert after.info.status == before.info.status == "FAILED" and path.exists()  # nothing touched
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_cuda_checkpoint_is_not_resumed_on_cpu(tracking_uri: str, tmp_path: Path, cpu_bf16: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever this CPU picks, the message names both sides, and the device is what to change."""
+    cfg, path = _killed_checkpoint(tracking_uri, tmp_path, monkeypatch, f"other-device-{int(cpu_bf16)}")
+    torch.save(load_checkpoint(path) | {"device_type": "cuda", "precision": "bf16"}, path)  # as on a GPU
+    here = plan(torch.device("cpu"), "auto", None, 20).precision
+    assert here == ("bf16" if cpu_bf16 else "fp32")
+    assert _refused(cfg, tracking_uri, path) == (
+        f"checkpoint {path} was written on cuda in bf16, this run is on cpu in {here} (the device differs): resume "
+        "it with --device cuda, or delete it to train afresh here")
+
+
+def test_a_checkpoint_refused_for_its_precision_alone_says_how_to_resume_it(
+        tracking_uri: str, tmp_path: Path, cpu_bf16: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written on a CPU that picked the other precision: not "--device" (same device), nor --set precision
+    (another config, another run), but the environment that makes auto pick it again; and that resumes."""
+    cfg, path = _killed_checkpoint(tracking_uri, tmp_path, monkeypatch, f"other-precision-{int(cpu_bf16)}")
+    here, other = ("bf16", "fp32") if cpu_bf16 else ("fp32", "bf16")
+    torch.save(load_checkpoint(path) | {"precision": other}, path)  # as the other kind of CPU wrote it
+    message = _refused(cfg, tracking_uri, path)
+    has = "has" if cpu_bf16 else "has no"
+    assert message == (f"checkpoint {path} was written on cpu in {other}, this run is on cpu in {here} "
+                       f"(precision=auto picks {here} here: this CPU {has} native bf16): resume it with "
+                       f"RESNET_LAB_CPU_BF16={int(other == 'bf16')} in the environment (bf16 without native units "
+                       "is emulated: slower, same numbers), or delete it to train afresh here")
+    run_id = load_checkpoint(path)["run_id"]
+    monkeypatch.setenv("RESNET_LAB_CPU_BF16", str(int(other == "bf16")))
+    result = train(cfg)
+    assert (result.status, result.iterations, result.run_id) == ("FINISHED", 20, run_id)  # resumed, same run
 
 
 # ---------------------------------------------------------------- item 6: throughput window

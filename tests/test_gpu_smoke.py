@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
 SCRIPT = BENCH / "gpu_smoke.sh"
+DEVICE_PREP = ROOT.parent / "shared" / "tools" / "device-prep"  # ../shared/tools/device-prep, where there is one
+MiB = 2**20
 
 
 def _smoke(*args: str, log: Path) -> subprocess.CompletedProcess[str]:
@@ -49,3 +54,45 @@ def test_bad_options_exit_2_before_any_step(tmp_path: Path) -> None:
     for args in (["--gpu"], ["--only", "kill,nosuch"]):
         p = _smoke(*args, log=tmp_path / "x.log")
         assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and not (tmp_path / "x.log").exists()
+
+
+def _sent_bytes() -> tuple[int, bool]:
+    """What the device tool sends: the working tree's tracked and untracked-not-ignored files, plus
+    ``.device/`` (carried; git ignores it). Returns (bytes, whether .device/ was there to count)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    files = [ROOT / os.fsdecode(p) for p in listed if p]
+    device = ROOT / ".device"
+    files += [p for p in device.rglob("*")] if device.is_dir() else []
+    return sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink()), device.is_dir()
+
+
+def test_the_device_run_fits_its_limits_timings_one_csv_and_the_summary_table(tmp_path: Path) -> None:
+    """``--cpu`` through the timing steps into an $OUT-like folder: what comes back is the log and ONE CSV
+    (the device returns at most 8 files, 2 folders deep), and the log ends with the summary table (images/s,
+    every shipped study projected, the compile rule). What travels (tree + .device/) stays under 64 MiB."""
+    out = tmp_path / "OUT"
+    out.mkdir()
+    p = _smoke("--cpu", "--only", "bench,compile,fused", log=out / "smoke.log")
+    text = (out / "smoke.log").read_text()
+    assert p.returncode == 0, text[-3000:]
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert sorted(f.name for f in files) == ["smoke-timings.csv", "smoke.log"]
+    assert all(f.stat().st_size < 16 * MiB and re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in files)
+    table = text[text.index("=== resnet_lab smoke summary (cpu)"):]
+    rows = (out / "smoke-timings.csv").read_text().splitlines()
+    assert rows[0].startswith("source,") and len(rows) > 4  # eager, compiled and probe-overhead rows, one file
+    for line in ("| resnet-8 | reference |", "| resnet-8 | fp32 eager |", "| resnet-8 | bf16 compiled default |",
+                 "cifar10_paper (50 runs)", "fashion_mnist (27 runs)", "d2l_resnet18 (2 runs)",
+                 "compile rule these numbers support (default): "):
+        assert line in table, line
+    assert text.rstrip().endswith("smoke passed")
+
+    if not (ROOT / ".device").is_dir() and DEVICE_PREP.is_file():
+        prep = subprocess.run([str(DEVICE_PREP)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if prep.returncode != 0:
+            warnings.warn(f"device-prep failed here ({prep.stderr.strip()[-200:]}): size counted without .device/")
+    size, with_device = _sent_bytes()
+    if not with_device:
+        warnings.warn("no .device/ here (../shared/tools/device-prep makes it): the tree's size is counted without it")
+    assert size < 64 * MiB, f"{size / MiB:.1f} MiB would travel to the device, over its 64 MiB"

@@ -198,8 +198,49 @@ def test_a_crashed_run_resumes_in_the_same_run_with_the_same_metrics(
     result = train(cfg)  # resumes from the checkpoint at iteration 20
     assert result.status == "FINISHED" and result.run_id == first[0].info.run_id
     assert _all_histories(MlflowClient(tracking_uri), result.run_id) == uninterrupted
-    assert not ckpts[0].exists()  # removed once the run finished
+    _assert_same_probe_tables(MlflowClient(tracking_uri), "resume-reference", result.run_id, tmp_path)
+    assert not ckpts[0].exists() and not list(tmp_path.rglob("*.grad_rows"))  # removed once the run finished
     _assert_init_weights_logged(MlflowClient(tracking_uri), result.run_id, tmp_path)
+
+
+def _assert_same_probe_tables(client: MlflowClient, reference: str, run_id: str, tmp_path: Path) -> None:
+    """The resumed run's probe tables (every grad-norm row, half of them read back from the rows file
+    beside the checkpoint) equal the uninterrupted run's, value for value."""
+    import pandas as pd
+
+    (ref,) = client.search_runs([client.get_experiment_by_name(reference).experiment_id])
+    for table in ("grad_norms", "grad_flow", "responses"):
+        a, b = (pd.read_parquet(client.download_artifacts(rid, f"probes/{table}.parquet", str(tmp_path / name)))
+                for rid, name in ((ref.info.run_id, "ref"), (run_id, "resumed")))
+        assert len(a) > 0
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+def test_a_checkpoint_stays_the_same_size_over_a_run_its_rows_go_beside_it(
+        tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grad norms are recorded every step; a checkpoint holding them grew by a row per step (57 MB for a
+    ResNet-110 at the end, issue 25). Now each checkpoint appends the new rows to ``<ckpt>.grad_rows`` and
+    keeps their count: its own size is flat, and the rows file grows by exactly the rows of the interval."""
+    import resnet_lab.runlog as runlog_mod
+    from resnet_lab.checkpoint import history_path
+
+    sizes: list[tuple[int, int]] = []
+    real = runlog_mod.save_atomic
+
+    def save_atomic(state: dict, path: Path) -> None:
+        real(state, path)
+        sizes.append((path.stat().st_size, history_path(path).stat().st_size))
+
+    monkeypatch.setattr(runlog_mod, "save_atomic", save_atomic)
+    cfg = _cfg(tracking_uri, "ckpt-size", model="resnet-20", iterations=100, checkpoint_every=20, log_every=10,
+               eval_every=100, checkpoint_dir=str(tmp_path))
+    assert train(cfg).status == "FINISHED"
+    ckpt, rows = zip(*sizes)
+    assert len(sizes) == 4  # at 20, 40, 60, 80 (none at the end: the finished run deletes it)
+    # a row: its iteration (8 bytes), then 20 weight norms, their total, 19 BN norms and theirs (4 bytes each)
+    row_bytes = rows[0] // 20
+    assert row_bytes == 8 + 4 * (20 + 1 + 19 + 1) and [r // row_bytes for r in rows] == [20, 40, 60, 80]
+    assert max(ckpt) - min(ckpt) < 128 < row_bytes * 20  # flat: a few bytes of counters, not 20 rows more each
 
 
 def _assert_init_weights_logged(client: MlflowClient, run_id: str, tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ from .landscape import landscape
 from .lesion import lesion
 from .shattering import depth_sweep, shattering
 
+META = torch.device("meta")  # where the check pass "prepares" jobs: shapes and dtypes, no storage
 WEIGHTS = ("model/state_dict.pt", "model/init_state_dict.pt", "config.json")
 SWEEP = "shattering_sweep"
 TAG_PREFIX = "diag."
@@ -78,7 +79,11 @@ def parse_only(text: str | None) -> tuple[str, ...] | None:
 
 @dataclass
 class Job:
-    """One run's diagnostics still to do, with everything they need already on the device."""
+    """One run's diagnostics still to do, with everything they need on the device once ``prepare``d.
+
+    ``diagnose`` prepares every job on the "meta" device first (every check, no memory), then each
+    on the real device just before it runs and ``release``s it after: one run's tensors at a time.
+    """
 
     run_id: str
     name: str
@@ -88,6 +93,11 @@ class Job:
     init: dict[str, torch.Tensor] = field(default_factory=dict)
     data: Dataset | None = None
     inputs: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    run: Any = None  # the MLflow run, to prepare it again on the real device
+
+    def release(self) -> None:
+        """Drop the weights and inputs (the device memory they hold); the data stays cached on the host."""
+        self.model, self.init, self.inputs = None, {}, {}
 
 
 def todo_of(run: Any, names: tuple[str, ...], settings: S.DiagnosticsSettings) -> tuple[str, ...]:
@@ -132,7 +142,10 @@ def run_config(client: Any, run: Any) -> dict[str, Any]:
 
 
 def prepare(client: Any, run: Any, job: Job, device: torch.device) -> Job:
-    """Weights downloaded, net rebuilt, data loaded as training did, the subsets drawn (UserError if too few)."""
+    """Weights downloaded, net rebuilt, data loaded as training did, the subsets drawn (UserError if too few).
+
+    On ``torch.device("meta")`` this checks all of it and holds no memory (tensors without storage)."""
+    job.run = run
     cfg = run_config(client, run)
     with tempfile.TemporaryDirectory() as tmp:
         local = {w: Path(client.download_artifacts(run.info.run_id, w, tmp)) for w in WEIGHTS[:2]}
@@ -278,13 +291,16 @@ def diagnose(study_file: str | Path | None = None, run_id: str | None = None, *,
             check_run(client, run)
             todo = todo_of(run, names, plan.settings)
             result.already += len(names) - len(todo)
-            if todo:
-                jobs.append(prepare(client, run, Job(run.info.run_id, run.info.run_name, todo, plan.settings), device))
+            if todo:  # checked now, on "meta"; put on the device only when its turn comes
+                jobs.append(prepare(client, run, Job(run.info.run_id, run.info.run_name, todo, plan.settings), META))
         sweep = _sweep_job(client, parent, runs[0], names, plan.settings, device) if parent is not None else None
         result.already += parent is not None and "shattering" in names and sweep is None  # the sweep, done before
     # ---- everything checked: from here on, logging
     for job in jobs:
-        _run_job(client, job, result, progress)
+        try:
+            _run_job(client, prepare(client, job.run, job, device), result, progress)
+        finally:
+            job.release()
     if sweep is not None:
         _run_sweep(client, sweep, result, progress)
     return result
