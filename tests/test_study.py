@@ -76,6 +76,8 @@ BAD = {  # id: (top, train, cpu, words the one-line error must contain)
                              ["[overrides.resnet-110]", "names no model of this study"]),
     "cpu milestones": ("depths = [8]", "milestones = [10, 15]", "[cpu.train]\niterations = 12",
                        ["[cpu.train]", "milestone 15 is not before the last iteration 12"]),
+    "bad fuse": ('depths = [8]\nfuse = "yes"', "", "", ['fuse must be "auto", "on" or "off"', "'yes'"]),
+    "bad cpu fuse": ("depths = [8]", "", "fuse = true", ['[cpu] fuse must be', "True"]),
     "override against cpu scale": ("depths = [8]\n[overrides.plain-8]\nwarmup_iterations = 15", "",
                                    "[cpu.train]\niterations = 12",
                                    ["[overrides.plain-8]", "warmup_iterations 15", "cpu scale"]),
