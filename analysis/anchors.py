@@ -40,3 +40,31 @@ ANCHORS: dict[str, Anchor] = {
 
 def anchor_for(study: str) -> Anchor | None:
     return ANCHORS.get(study)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """He et al. 2016 Sec. 4.2's CIFAR-10 recipe: what a reduced scale is measured against."""
+
+    dataset: str = "cifar10"
+    image: str = "3×32×32"
+    train_images: int = 45000  # 50k less the 5k validation split
+    val_images: int = 5000
+    test_images: int = 10000
+    iterations: int = 64000
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: tuple[int, ...] = (32000, 48000)
+    lr_decay: float = 0.1
+    augment: str = "pad-4 random crop and horizontal flip"
+    shortcut: str = "A"
+    depths: tuple[int, ...] = (20, 32, 44, 56, 110)
+    source: str = "He et al. 2016 Sec. 4.2"
+
+
+PAPER = Recipe()
+# training images and image shape of each dataset the lab trains on (its own files' sizes)
+DATASETS = {"cifar10": ("CIFAR-10", 50000, "3×32×32"), "fashion-mnist": ("Fashion-MNIST", 60000, "1×28×28"),
+            "synthetic": ("synthetic data", None, "generated")}

@@ -14,7 +14,8 @@ import pandas as pd
 
 from .findings import interval_text
 from .runs import SWEEP, Study, display_name
-from .stats import mean_sd_n, paired
+from .numbers import fmt
+from .stats import Interval, mean_sd_n, paired, t_interval
 
 NEAR_BASELINE_POINTS = 2.0  # a mean single-deletion increase below this many points counts as "near baseline"
 PUBLISHED = {
@@ -41,16 +42,36 @@ def _pairs(runs: pd.DataFrame, column: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def _num(x: float, digits: int = 2) -> str:
-    return "n/a" if not math.isfinite(x) else (f"{x:.{digits}g}" if abs(x) >= 1e4 or abs(x) < 1e-2 else f"{x:.{digits}f}")
+def _num(x: float, like: tuple[float, ...] = ()) -> str:
+    return fmt(x, like=like)
 
 
 def _versus(runs: pd.DataFrame, column: str, a: str, b: str, unit: str = "") -> str:
-    """'3.10 vs 0.40 (difference +2.70, 95 % CI ..., 3 seeds)' for nets a and b, seed-paired."""
+    """'3.10 vs 0.40 (difference +2.70; 95 % CI ..., 3 seeds)' for nets a and b, seed-paired."""
     p = paired(runs, a, b, column)
     if p is None:
         return "n/a"
-    return f"{_num(p.a_mean)}{unit} vs {_num(p.b_mean)}{unit} (difference {p.diff.mean:+.2f}; {interval_text(p.diff)})"
+    d = p.diff
+    return (f"{fmt(p.a_mean, like=(p.b_mean,))}{unit} vs {fmt(p.b_mean, like=(p.a_mean,))}{unit} (difference "
+            f"{fmt(d.mean, like=(d.low, d.high), sign=True)}; {interval_text(d)})")
+
+
+def _seed_interval(per_seed: pd.DataFrame) -> Interval:
+    """The t interval over seeds of ``plain - residual`` in a frame with those two columns, one row a seed."""
+    both = per_seed.dropna()
+    return t_interval(both["plain"] - both["residual"]) if len(both) else t_interval([])
+
+
+def _interval_clause(d: Interval, what: str) -> str:
+    """'; plain minus ResNet, seed by seed: +2.9 (95 % CI 1.0 to 4.8, 3 seeds)'."""
+    if d.n == 0:
+        return ""
+    return f"; {what}, plain minus ResNet seed by seed: {fmt(d.mean, like=(d.low, d.high), sign=True)} ({interval_text(d)})"
+
+
+def _agrees(d: Interval, fallback: bool) -> bool:
+    """The seed-paired plain-minus-ResNet difference is positive: with an interval, its lower end."""
+    return d.low > 0 if d.has_interval else fallback
 
 
 def _verdict(agree: bool | None) -> str:
@@ -100,8 +121,9 @@ def landscape_findings(runs: pd.DataFrame) -> list[str]:
     return out
 
 
-def _growth(runs: pd.DataFrame, column: str, arch_is_plain: bool) -> tuple[float, str] | None:
-    """(deepest / shallowest mean of ``column``, 'a at depth d1 -> b at depth d2') for one architecture."""
+def _growth(runs: pd.DataFrame, column: str, arch_is_plain: bool) -> tuple[float, str, pd.Series] | None:
+    """(deepest / shallowest mean of ``column``, 'a at depth d1 to b at depth d2', that ratio seed by seed)
+    for one architecture."""
     g = runs[(runs["arch"] == "plain") == arch_is_plain]
     if column not in g or g[column].notna().sum() == 0:
         return None
@@ -111,7 +133,9 @@ def _growth(runs: pd.DataFrame, column: str, arch_is_plain: bool) -> tuple[float
         return None
     lo, hi = min(means), max(means)
     ratio = means[hi] / means[lo] if means[lo] > 0 else math.nan
-    return ratio, f"{_num(means[lo])} at depth {lo} to {_num(means[hi])} at depth {hi}"
+    by = lambda d: g[g["depth"] == d].set_index("seed")[column]  # noqa: E731
+    per_seed = (by(hi) / by(lo)).replace([math.inf, -math.inf], math.nan).dropna()
+    return ratio, f"{_num(means[lo], (means[hi],))} at depth {lo} to {_num(means[hi], (means[lo],))} at depth {hi}", per_seed
 
 
 def curvature_findings(runs: pd.DataFrame) -> list[str]:
@@ -123,9 +147,11 @@ def curvature_findings(runs: pd.DataFrame) -> list[str]:
         out.append(f"With one depth per architecture the growth with depth cannot be read: "
                    f"{_verdict(None)} {PUBLISHED['curvature']}.")
     if plain and resnet:
-        agree = plain[0] > 1 and plain[0] > resnet[0]
-        out.append(f"The top Hessian eigenvalue goes from {plain[1]} (x{_num(plain[0])}) for the plain nets and from "
-                   f"{resnet[1]} (x{_num(resnet[0])}) for the ResNets: {_verdict(agree)} {PUBLISHED['curvature']}.")
+        d = _seed_interval(pd.DataFrame({"plain": plain[2], "residual": resnet[2]}))
+        agree = plain[0] > 1 and _agrees(d, plain[0] > resnet[0])
+        out.append(f"The top Hessian eigenvalue goes from {plain[1]} (×{_num(plain[0])}) for the plain nets and from "
+                   f"{resnet[1]} (×{_num(resnet[0])}) for the ResNets{_interval_clause(d, 'growth ratio')}: "
+                   f"{_verdict(agree)} {PUBLISHED['curvature']}.")
     return out
 
 
@@ -133,20 +159,24 @@ def shattering_findings(study: Study) -> list[str]:
     sweep = study.diagnostics.get(SWEEP)
     if sweep is None or sweep.empty:
         return []
-    rho1 = sweep[sweep["lag"] == 1].groupby(["arch", "depth"])["rho"].mean()
-    drops = {}
+    lag1 = sweep[sweep["lag"] == 1]
+    rho1 = lag1.groupby(["arch", "depth"])["rho"].mean()
+    drops, per_seed = {}, {}
     for arch in ("plain", "residual"):
         if arch in rho1.index.get_level_values(0):
             r = rho1[arch]
-            drops[arch] = (float(r.iloc[0] - r.iloc[-1]), f"{r.iloc[0]:.2f} at depth {r.index[0]} to "
-                                                          f"{r.iloc[-1]:.2f} at depth {r.index[-1]}")
+            drops[arch] = (float(r.iloc[0] - r.iloc[-1]), f"{_num(r.iloc[0], (r.iloc[-1],))} at depth {r.index[0]} to "
+                                                          f"{_num(r.iloc[-1], (r.iloc[0],))} at depth {r.index[-1]}")
+            by = lag1[lag1["arch"] == arch].groupby(["seed", "depth"])["rho"].mean().unstack("depth")
+            per_seed[arch] = by[r.index[0]] - by[r.index[-1]]  # each seed's fall from the shallowest to the deepest
     if len(drops) < 2:
         return []
-    agree = drops["plain"][0] > drops["residual"][0]
+    d = _seed_interval(pd.DataFrame(per_seed))
+    agree = _agrees(d, drops["plain"][0] > drops["residual"][0])
     seeds = sweep["seed"].nunique()
     return [f"At init, rho(1) falls from {drops['plain'][1]} for the plain nets and from {drops['residual'][1]} for "
-            f"the ResNets (depth sweep, mean over {seeds} seed{'s' if seeds > 1 else ''}): {_verdict(agree)} "
-            f"{PUBLISHED['shattering']}."]
+            f"the ResNets (depth sweep, mean over {seeds} seed{'s' if seeds > 1 else ''}"
+            f"{_interval_clause(d, 'fall') if seeds > 1 else ''}): {_verdict(agree)} {PUBLISHED['shattering']}."]
 
 
 def diagnostic_findings(study: Study) -> dict[str, list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import re
 import time
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -27,7 +29,8 @@ from .anchors import Anchor, anchor_for
 from .diag_figures import DIAG_FIGURES
 from .diag_findings import PUBLISHED, diagnostic_findings
 from .figures import FIGURES, FigureResult, draw_figures, missing_pairs
-from .findings import flow_ratios, pct, ratio_text, scale_banner, summarize
+from .findings import PLATEAU_HEAD, flow_ratios, not_at_plateau, plateau_label, ratio_text, scale_banner, summarize
+from .numbers import fmt, pm
 from .runs import Study, aggregate, display_name, shared_param
 from .tables import write_tables
 
@@ -165,17 +168,92 @@ class Report:
     logged_to: str | None = None  # parent run id when logged to MLflow
 
 
-def _pm(mean: float, std: float, n: int) -> str:
-    if mean is None or not math.isfinite(mean):
-        return "–"
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 and math.isfinite(std) else f"{mean:.2f}"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `resnet-lab ui` serves a local store (its default --host and --port)
+_RUN_VIEW = "workflowType=machine_learning"  # MLflow 3 opens a run in its model-training view with this
+
+
+def ui_base(uri: str) -> str | None:
+    """The MLflow UI address that shows this store's runs: the tracking server itself, or for a local
+    store (SQLite, a folder) the address `resnet-lab ui` serves it on; None for other stores."""
+    if uri.startswith(("http://", "https://")):
+        return display_uri(uri).rstrip("/")
+    if uri.startswith(("sqlite:", "file:")) or ("://" not in uri and not uri.startswith("databricks")):
+        return UI_ADDRESS
+    return None
+
+
+def run_url(study: Study, run_id: str) -> str | None:
+    base = ui_base(study.tracking_uri)
+    return f"{base}/#/experiments/{study.experiment_id}/runs/{run_id}?{_RUN_VIEW}" if base else None
+
+
+def runs_url(study: Study, run_ids: list[str]) -> str | None:
+    """One run's page, or MLflow's compare view of several."""
+    base = ui_base(study.tracking_uri)
+    if base is None or not run_ids:
+        return None
+    if len(run_ids) == 1:
+        return run_url(study, run_ids[0])
+    ids = quote(json.dumps(sorted(run_ids), separators=(",", ":")), safe="")
+    exps = quote(json.dumps([str(study.experiment_id)], separators=(",", ":")), safe="")
+    return f"{base}/#/compare-runs?runs={ids}&experiments={exps}"
+
+
+def artifact_url(study: Study, run_id: str, path: str) -> str | None:
+    """A run's artifact in the UI's artifact viewer."""
+    base = ui_base(study.tracking_uri)
+    return f"{base}/#/experiments/{study.experiment_id}/runs/{run_id}/artifacts/{path}" if base else None
 
 
 def _run_link(study: Study, run_id: str, text: str) -> str:
-    uri = study.tracking_uri
-    if uri.startswith(("http://", "https://")):
-        return f"[{text}]({display_uri(uri).rstrip('/')}/#/experiments/{study.experiment_id}/runs/{run_id}?workflowType=machine_learning)"
-    return text
+    url = run_url(study, run_id)
+    return f"[{text}]({url})" if url else text
+
+
+def _net_link(study: Study, model: str) -> str:
+    """A net's name linking to its runs (MLflow's compare view), where the store has a UI."""
+    url = runs_url(study, list(study.runs.loc[study.runs["model"] == model, "run_id"]))
+    return f"[{display_name(model)}]({url})" if url else display_name(model)
+
+
+def _net_pattern(models: list[str]) -> re.Pattern[str] | None:
+    """Finds a net's display name as a whole word (plain-8, not the start of plain-80)."""
+    names = sorted({display_name(m) for m in models}, key=len, reverse=True)
+    return re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])('s)?") if names else None
+
+
+def annotate(sentences: list[str], study: Study) -> list[str]:
+    """Each sentence with a link to the runs of the nets it names (MLflow's compare view), and each
+    net that did not reach its plateau named as such at its first mention."""
+    runs = study.runs
+    by_name = {display_name(m): g for m, g in runs.groupby("model", sort=False)}
+    pattern = _net_pattern(list(by_name))
+    if pattern is None:
+        return sentences
+    n_seeds = runs.groupby("model")["run_id"].nunique()
+    missed = {display_name(m): plateau_label(seeds, int(n_seeds[m])) for m, seeds in not_at_plateau(runs).items()}
+    out = []
+    for s in sentences:
+        named = list(dict.fromkeys(m.group(1) for m in pattern.finditer(s)))
+        seen: set[str] = set()
+        short = {} if s.startswith(PLATEAU_HEAD) else missed  # that sentence says it seed by seed itself
+
+        def label(m: re.Match[str]) -> str:
+            name, owner = m.group(1), m.group(2) or ""
+            if name in short and name not in seen:
+                seen.add(name)
+                return f"{name}{owner} {short[name]}"  # plain-32's (not at its plateau) training error
+            seen.add(name)
+            return name + owner
+
+        s = pattern.sub(label, s)
+        ids = [rid for name in named for rid in by_name[name]["run_id"]]
+        url = runs_url(study, ids)
+        if url:
+            what = f"the {len(ids)} runs" if len(ids) > 1 else "the run"
+            s = (s[:-1] if s.endswith(".") else s) + f" ([{what}]({url}))."
+        out.append(s)
+    return out
 
 
 def results_table(study: Study, agg: pd.DataFrame, anchor: Anchor | None) -> tuple[list[str], list[list[str]], str]:
@@ -189,22 +267,45 @@ def results_table(study: Study, agg: pd.DataFrame, anchor: Anchor | None) -> tup
             align += "r"
         header.append(f"{anchor.label} test error (%)")
         align += "r"
+    plateau = study.runs.groupby("model")["plateau"] if "plateau" in study.runs else None
+    if plateau is not None:
+        header.append("plateau reached")
+        align += "l"
     header.append("runs (name, id)")
     align += "l"
+    missed = not_at_plateau(study.runs)
     rows = []
     for r in agg.itertuples():
-        row = [display_name(r.model), str(r.n_seeds),
-               _pm(r.train_error_mean, r.train_error_std, r.train_error_n),
-               _pm(r.test_error_mean, r.test_error_std, r.test_error_n)]
+        name = display_name(r.model) + (f" {plateau_label(missed[r.model], r.n_seeds)}" if r.model in missed else "")
+        row = [name, str(r.n_seeds),
+               pm(r.train_error_mean, r.train_error_std, r.train_error_n),
+               pm(r.test_error_mean, r.test_error_std, r.test_error_n)]
         if has_val:
-            row.append(_pm(r.val_error_mean, r.val_error_std, r.val_error_n))
+            row.append(pm(r.val_error_mean, r.val_error_std, r.val_error_n))
         if anchor is not None:
             if anchor.train_error:
-                row.append(f"{anchor.train_error[r.model]:g}" if r.model in anchor.train_error else "–")
-            row.append(f"{anchor.test_error[r.model]:g}" if r.model in anchor.test_error else "–")
+                row.append(fmt(anchor.train_error[r.model]) if r.model in anchor.train_error else "–")
+            row.append(fmt(anchor.test_error[r.model]) if r.model in anchor.test_error else "–")
+        if plateau is not None:
+            v = plateau.get_group(r.model)
+            n = int(v.notna().sum())
+            row.append("not measured" if v.isna().all() else f"{int((v == 1).sum())} of {n} seed{'s' if n > 1 else ''}")
         row.append(", ".join(f"{_run_link(study, rid, name)} (`{rid[:8]}`)" for name, rid in zip(r.run_names, r.run_ids)))
         rows.append(row)
     return header, rows, align
+
+
+def _links_line(study: Study) -> str:
+    """Where the report's run links point, and how to open that address."""
+    base = ui_base(study.tracking_uri)
+    if base is None:
+        return f"This store ({display_uri(study.tracking_uri)}) has no MLflow UI address: runs are named by id."
+    if base == UI_ADDRESS:
+        file = study.parent.tags.get("study_file") if study.parent is not None else None
+        return (f"Links to runs open the MLflow UI at {base}: start it on this store with "
+                f"`resnet-lab ui {file or 'STUDY_FILE'} --tracking-uri {display_uri(study.tracking_uri)}` (or `make ui`); "
+                "another --host or --port moves the address.")
+    return f"Links to runs open the MLflow UI of the tracking server at {base}."
 
 
 def _config_sections(doc: Doc, study: Study) -> None:
@@ -250,13 +351,13 @@ def _runs_section(doc: Doc, study: Study) -> None:
     rows = []
     for r in study.runs.itertuples():
         its = int(r.total_iterations) if r.total_iterations is not None and not pd.isna(r.total_iterations) else None
-        dur = f"{r.duration_s / 60:.1f}" if r.duration_s is not None and math.isfinite(r.duration_s) else "–"
+        dur = fmt(r.duration_s / 60, missing="–") if r.duration_s is not None else "–"
         errs = [r.train_error, r.test_error] + ([r.val_error] if has_val else [])
+        reached = {1: "reached", 0: "not reached"}.get(getattr(r, "plateau", math.nan), "not measured")
         rows.append([_run_link(study, r.run_id, r.run_name), f"`{r.run_id}`", display_name(r.model), str(r.seed),
-                     *[pct(e).replace(" %", "").replace("n/a", "–") for e in errs],
-                     f"{its:,}" if its else "–", dur])
+                     *[fmt(e, missing="–") for e in errs], reached, f"{its:,}" if its else "–", dur])
     doc.table(["run", "run id", "net", "seed", "train error (%)", "test error (%)", *(["val error (%)"] if has_val else []),
-               "iterations", "minutes"], rows, "lllrrr" + ("r" if has_val else "") + "rr")
+               "plateau", "iterations", "minutes"], rows, "lllrrr" + ("r" if has_val else "") + "lrr")
     lo = study.left_out
     if lo is not None and len(lo):
         doc.p("Runs left out:")
@@ -280,7 +381,8 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     t_fig = time.perf_counter() - t0
     agg = aggregate(study.runs)
     anchor = anchor_for(study.name)
-    summary = summarize(study.runs, study.grad_flow, study.responses, anchor, study.grad_norm_series, study.curves)
+    summary = annotate(summarize(study.runs, study.grad_flow, study.responses, anchor, study.grad_norm_series,
+                                 study.curves), study)
     # a diagnostic not run is said in its own section; only the nets a drawn diagnostic figure lacks are notes
     notes = _dedupe(study.notes + missing_pairs(study) + [n for f in figures for n in f.notes]
                     + [n for f in diag_figures if f.made for n in f.notes])
@@ -292,9 +394,13 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
     doc.p(f"Generated {generated} from MLflow tracking store `{display_uri(study.tracking_uri)}`, experiment "
           f"`{study.name}` (id {study.experiment_id}); {len(study.runs)} finished training runs of "
           f"{study.runs['model'].nunique()} nets. Plain vs residual CNNs at depth (He et al. 2016, Sec. 4.2).")
+    doc.p(_links_line(study))
     banner = scale_banner(study.runs, study.scale)
     if banner:
-        doc.p(f"**{banner}**")
+        doc.p(f"**{banner.intro}**")
+        doc.ul(banner.departures)
+        if banner.verdict:
+            doc.p(f"**{annotate([banner.verdict], study)[0]}**")
     doc.h(2, "Summary")
     doc.ul(summary or ["The study has too few nets for a comparison (one depth of one architecture)."])
     doc.h(2, "Final errors")
@@ -318,7 +424,7 @@ def build_report(study: Study, out_dir: Path, *, figures: list[FigureResult] | N
         piv = piv.sort_values(["arch", "depth"])
         cols = [c for c in ("init", "end") if c in piv]
         doc.table(["net", *[f"ratio at {c}" for c in cols]],
-                  [[display_name(r["model"]), *[ratio_text(float(r[c])) for c in cols]] for _, r in piv.iterrows()],
+                  [[_net_link(study, r["model"]), *[ratio_text(float(r[c])) for c in cols]] for _, r in piv.iterrows()],
                   "l" + "r" * len(cols))
     doc.h(2, "Figures")
     made = [f for f in figures if f.made]
@@ -357,7 +463,7 @@ def _diagnostics_section(doc: Doc, study: Study, figures: list[FigureResult], nu
         if fig.made:
             numbered += 1
             doc.figure(fig, numbered, "figures")
-        doc.ul(sentences.get(fig.name, []))
+        doc.ul(annotate(sentences.get(fig.name, []), study))
         if not fig.made:
             doc.p(f"Not run for this study: {fig.name} has no numbers here (run `resnet-lab diagnose STUDY_FILE`). "
                   f"Published: {PUBLISHED[fig.name]}.")

@@ -164,11 +164,33 @@ def _degradation_top(curves: pd.DataFrame) -> float:
     return min(100.0, _nice_ceiling(float(late.max()) * 1.08 if len(late) else 100.0))
 
 
-def draw_degradation(curves: pd.DataFrame, *, milestones: Sequence[int] = (), lr_decay: float | None = None,
+def lr_drops(curves: pd.DataFrame) -> tuple[list[int], float | None]:
+    """(lr-drop iterations, drop factor) of the runs in ``curves``: the study's schedule that
+    ``load_study`` attaches to the frame (``curves.attrs``), else read off its ``lr`` curve (each
+    drop at the first logged point after it, so within one logging window); ([], None) if neither."""
+    if curves.attrs.get("milestones"):
+        return list(curves.attrs["milestones"]), curves.attrs.get("lr_decay")
+    lr = curves[curves["metric"] == "lr"] if "metric" in curves else curves.iloc[0:0]
+    drops, factors = None, set()
+    for _rid, g in lr.groupby("run_id"):
+        v = g.sort_values("iteration")
+        prev, cur = v["value"].to_numpy()[:-1], v["value"].to_numpy()[1:]
+        at = cur < prev * (1 - 1e-6)
+        its = set(v["iteration"].to_numpy()[1:][at].tolist())
+        factors |= {round(float(c / p), 6) for c, p in zip(cur[at], prev[at])}
+        drops = its if drops is None else drops & its
+    return sorted(int(i) for i in drops or ()), factors.pop() if len(factors) == 1 else None
+
+
+def draw_degradation(curves: pd.DataFrame, *, milestones: Sequence[int] | None = None, lr_decay: float | None = None,
                      notes: list[str] | None = None) -> Figure:
     """He et al. Fig. 6 from ``Study.curves``: error vs iteration, plain nets left, ResNets right;
-    dashed train, solid test; mean over seeds with a ±1 sd band."""
+    dashed train, solid test; mean over seeds with a ±1 sd band. The lr drops are marked from
+    ``milestones``, by default from the frame itself (:func:`lr_drops`)."""
     notes = notes if notes is not None else []
+    if milestones is None:
+        milestones, found = lr_drops(curves)
+        lr_decay = lr_decay if lr_decay is not None else found
     c = curves[curves["metric"].isin(["train/error", "test/error"])]
     colors = depth_colors(c["depth"])
     xmax = float(c["iteration"].max())
@@ -625,3 +647,16 @@ def _draw_one(name: str) -> FigureResult:
     assert _TASK is not None, "draw_figures sets the task before it forks"
     study, out_dir, drawers = _TASK
     return drawers[name](study, out_dir)
+
+
+_DIAG_DRAWERS = ("draw_lesion", "draw_landscape", "draw_curvature", "draw_shattering")
+
+
+def __getattr__(name: str) -> object:
+    """The diagnostics' ``draw_*`` (:mod:`analysis.diag_figures`) from here too, so a notebook finds
+    every figure in one module; looked up on first use, as diag_figures itself imports this module."""
+    if name in _DIAG_DRAWERS:
+        from . import diag_figures
+
+        return getattr(diag_figures, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

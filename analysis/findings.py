@@ -10,19 +10,24 @@ otherwise the sentence says "no clear difference"; one seed gives the difference
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from .anchors import Anchor
+from resnet_lab import plateau
+
+from .anchors import DATASETS, PAPER, Anchor, Recipe
 from .runs import display_name, shared_milestones, shared_param
+from .numbers import fmt
 from .stats import Interval, Paired, comparisons, paired, per_net, within_two_sd
 
 METRIC_WORDS = {"train_error": "training error", "test_error": "test error", "val_error": "validation error"}
 
 
-def pct(x: float) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f} %"
+def pct(x: float, like: tuple[float, ...] = ()) -> str:
+    """'25.2 %' (:func:`analysis.numbers.fmt`), with the decimals of ``like``; 'n/a' without a value."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{fmt(x, like=like)} %"
 
 
 def compare(a: float, b: float) -> str:
@@ -37,11 +42,33 @@ def one_seed_everywhere(runs: pd.DataFrame) -> bool:
     return not runs.empty and bool((runs.groupby("model")["run_id"].nunique() <= 1).all())
 
 
-def interval_text(d: Interval) -> str:
-    """'95 % CI 3.20 to 5.00, 3 seeds' or 'one seed, no interval'."""
+def interval_text(d: Interval, flip: bool = False) -> str:
+    """'95 % CI 3.20 to 5.00, 3 seeds' or 'one seed, no interval'. ``flip``: the interval of minus
+    the difference (a sentence that says "better by" reads the difference from the other side),
+    with the decimals of the mean."""
     if not d.has_interval:
         return "one seed, no interval" if d.n <= 1 else f"{d.n} seeds, no interval"
-    return f"{d.level * 100:g} % CI {d.low:.2f} to {d.high:.2f}, {d.n} seeds"
+    low, high = (-d.high, -d.low) if flip else (d.low, d.high)
+    group = (d.mean, low, high)
+    return f"{d.level * 100:g} % CI {fmt(low, like=group)} to {fmt(high, like=group)}, {d.n} seeds"
+
+
+def _points(p: Paired) -> str:
+    """'by 1.13 points (95 % CI 0.62 to 1.65, 3 seeds' : the size of a stated direction and its
+    interval, both from that direction's side (no sign: the verb carries it)."""
+    d = p.diff
+    return f"by {fmt(abs(d.mean), like=(d.low, d.high))} points ({interval_text(d, flip=d.mean < 0)}"
+
+
+def _signed(p: Paired) -> str:
+    """'+0.05 points (95 % CI -0.60 to 0.70, 3 seeds' : a minus b where no direction is stated."""
+    d = p.diff
+    return f"{fmt(d.mean, like=(d.low, d.high), sign=True)} points ({interval_text(d)}"
+
+
+def _means(p: Paired) -> str:
+    """'34.0 % vs 24.9 %': both nets' means over the paired seeds, with one number of decimals."""
+    return f"{pct(p.a_mean, (p.b_mean,))} vs {pct(p.b_mean, (p.a_mean,))}"
 
 
 # how a net that is worse / better than another reads, per number
@@ -52,26 +79,23 @@ _WORSE = {"train_error": ("trains worse than", "trains better than"),
 
 def difference_sentence(p: Paired) -> str:
     """'plain-56 trains worse than plain-20 by 4.10 points (95 % CI 3.20 to 5.00, 3 seeds; training
-    error 6.40 % vs 2.30 %)'. An interval containing 0 states no direction: 'no clear difference'."""
+    error 6.40 % vs 2.30 %)'; 'better by' gives the interval from its own side. An interval
+    containing 0 states no direction: 'no clear difference'."""
     a, b, d, what = display_name(p.a), display_name(p.b), p.diff, METRIC_WORDS[p.column]
-    means = f"{what} {pct(p.a_mean)} vs {pct(p.b_mean)}"
     if _direction(p) is None:
-        return f"{a} and {b} show no clear difference in {what}: {d.mean:+.2f} points ({interval_text(d)}; " \
-               f"{pct(p.a_mean)} vs {pct(p.b_mean)})"
+        return f"{a} and {b} show no clear difference in {what}: {_signed(p)}; {_means(p)})"
     verb = _WORSE[p.column][0 if d.mean > 0 else 1]
-    return f"{a} {verb} {b} by {abs(d.mean):.2f} points ({interval_text(d)}; {means})"
+    return f"{a} {verb} {b} {_points(p)}; {what} {_means(p)})"
 
 
 def _test_clause(p: Paired | None) -> str:
     """'; on the test set plain-56 is worse by 1.00 points (...)' or '; no clear difference on the test set: ...'."""
     if p is None:
         return ""
-    d = p.diff
-    means = f"test error {pct(p.a_mean)} vs {pct(p.b_mean)}"
+    means = f"test error {_means(p)}"
     if _direction(p) is None:
-        return f"; no clear difference on the test set: {d.mean:+.2f} points ({interval_text(d)}; {means})"
-    return (f"; on the test set {display_name(p.a)} is {_direction(p)} by {abs(d.mean):.2f} points "
-            f"({interval_text(d)}; {means})")
+        return f"; no clear difference on the test set: {_signed(p)}; {means})"
+    return f"; on the test set {display_name(p.a)} is {_direction(p)} {_points(p)}; {means})"
 
 
 def _direction(p: Paired) -> str | None:
@@ -139,35 +163,243 @@ def curve_degradation(runs: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
     return [what + (f" ({'; '.join(failed)})." if failed else ".")]
 
 
-def scale_banner(runs: pd.DataFrame, scale: str | None) -> str | None:
-    """For a CPU-scale study: what was shortened, what it can show, and, from the numbers, whether
-    the deeper ResNet trains better than the shallower one (He et al. Fig. 6, right) at this length."""
+@dataclass(frozen=True)
+class Check:
+    """One of He et al. Fig. 6's training facts, read from the runs: ``holds`` (None: cannot tell)
+    and the sentence that says it with its numbers."""
+
+    name: str
+    holds: bool | None
+    sentence: str
+
+
+def fig6_nets(runs: pd.DataFrame) -> tuple[str, str, str, str] | None:
+    """(deep plain, shallow plain, deep ResNet, shallow ResNet): the deepest and shallowest depths
+    with both architectures; None below two such depths."""
+    both = sorted(int(d) for d, g in runs.groupby("depth") if {"plain", "residual"} <= set(g["arch"]))
+    if len(both) < 2:
+        return None
+    name = lambda arch, d: runs.loc[(runs["arch"] == arch) & (runs["depth"] == d), "model"].iloc[0]  # noqa: E731
+    return name("plain", both[-1]), name("plain", both[0]), name("residual", both[-1]), name("residual", both[0])
+
+
+def _by_seed(runs: pd.DataFrame, a: str, b: str) -> list[tuple[int, float, float]]:
+    """(seed, a's final training error, b's) for every seed both nets have."""
+    get = lambda m: runs[runs["model"] == m].set_index("seed")["train_error"].dropna()  # noqa: E731
+    ea, eb = get(a), get(b)
+    return [(int(sd), float(ea[sd]), float(eb[sd])) for sd in sorted(set(ea.index) & set(eb.index))]
+
+
+def _seed_list(rows: list[tuple[int, float, float]]) -> str:
+    return "; ".join(f"seed {sd}: {pct(x, (y,))} vs {pct(y, (x,))}" for sd, x, y in rows)
+
+
+def _above(runs: pd.DataFrame, a: str, b: str, name: str) -> Check | None:
+    """a's final training error above b's in every seed, with a paired interval that excludes 0."""
+    rows, p = _by_seed(runs, a, b), paired(runs, a, b, "train_error")
+    if not rows or p is None:
+        return None
+    above = [sd for sd, x, y in rows if x > y]
+    d = p.diff
+    holds = len(above) == len(rows) and (d.low > 0 if d.has_interval else None)
+    size = f"difference {_signed(p)})"
+    text = (f"{display_name(a)}'s final training error is above {display_name(b)}'s in {len(above)} of {len(rows)} "
+            f"seed{'s' if len(rows) > 1 else ''} ({_seed_list(rows)}); {size}")
+    if holds:
+        text += ": holds"
+    elif holds is None:
+        text += ": one seed, so whether it holds in general cannot be told"
+    else:
+        why = [f"not above in seed{'s' if len(rows) - len(above) > 1 else ''} "
+               + ", ".join(str(sd) for sd, x, y in rows if not x > y)] if len(above) < len(rows) else []
+        why += ["the interval does not exclude 0"] if d.has_interval and not d.low > 0 else []
+        text += f": does not hold ({'; '.join(why)})"
+    return Check(name, holds, text + ".")
+
+
+def _at_most_about(runs: pd.DataFrame, a: str, b: str, name: str) -> Check | None:
+    """a's final training error at most about b's: not clearly above it (the paired interval does
+    not lie above 0; with one seed, not above)."""
+    rows, p = _by_seed(runs, a, b), paired(runs, a, b, "train_error")
+    if not rows or p is None:
+        return None
+    d = p.diff
+    holds = not d.low > 0 if d.has_interval else d.mean <= 0
+    text = (f"{display_name(a)}'s final training error is at most about {display_name(b)}'s "
+            f"({_seed_list(rows)}; difference {_signed(p)})): ")
+    text += ("holds" if holds else "does not hold, it is clearly above") + (
+        ", with one seed" if not d.has_interval else "")
+    return Check(name, holds, text + ".")
+
+
+def fig6_checks(runs: pd.DataFrame) -> list[Check]:
+    """He et al. Fig. 6's three training facts, seed by seed: the deep plain net trains worse than the
+    shallow plain net (degradation) and than the ResNet of its depth, and the deep ResNet trains at
+    least about as well as the shallow one. The summary and the scale banner both read these."""
+    nets = fig6_nets(runs)
+    if nets is None:
+        return []
+    deep_p, shallow_p, deep_r, shallow_r = nets
+    checks = [_above(runs, deep_p, shallow_p, "degradation"), _above(runs, deep_p, deep_r, "shortcut"),
+              _at_most_about(runs, deep_r, shallow_r, "deep ResNet")]
+    return [c for c in checks if c is not None]
+
+
+def fig6_verdict(runs: pd.DataFrame) -> str | None:
+    """One sentence: do all of Fig. 6's training facts hold here, and if not, which do not."""
+    checks, nets = fig6_checks(runs), fig6_nets(runs)
+    if not checks or nets is None:
+        return None
+    names = _and([display_name(m) for m in (nets[1], nets[0], nets[3], nets[2])])
+    if all(c.holds for c in checks):
+        return f"All {len(checks)} of He et al. Fig. 6's training facts hold for {names} in these runs."
+    failed = [c.name for c in checks if c.holds is False]
+    unknown = [c.name for c in checks if c.holds is None]
+    held = [c.name for c in checks if c.holds]
+    parts = ([f"{_and(failed)} {'does' if len(failed) == 1 else 'do'} not hold"] if failed else []) + (
+        [f"{_and(unknown)} cannot be told from one seed"] if unknown else []) + (
+        [f"{_and(held)} {'holds' if len(held) == 1 else 'hold'}"] if held else [])
+    return f"He et al. Fig. 6's training facts for {names}: {'; '.join(parts)} (see the Summary)."
+
+
+def fig6_findings(runs: pd.DataFrame) -> list[str]:
+    """The summary's Fig. 6 sentences: one per training fact, then the verdict."""
+    checks = fig6_checks(runs)
+    if not checks:
+        return []
+    head = "He et al. Fig. 6 in every seed"
+    return [f"{head} ({c.name}): {c.sentence}" for c in checks] + [fig6_verdict(runs)]  # type: ignore[list-item]
+
+
+PLATEAU_HEAD = (f"Plateau (`resnet_lab/plateau.py`: the training loss on a fixed, unaugmented training subset, "
+                f"`{plateau.HISTORY_KEY}`, falls by less than {100 * plateau.TOLERANCE:g} % over the last "
+                f"{100 * plateau.WINDOW:g} % of iterations)")  # the sentence that says, per net and seed, whether
+PLATEAU_COLUMN = "plateau"  # runs column of the ``final/plateau`` metric: 1 reached, 0 not, NaN not measured
+
+
+def not_at_plateau(runs: pd.DataFrame) -> dict[str, list[int]]:
+    """model -> the seeds whose run measured the plateau and did not reach it (empty models left out)."""
+    if PLATEAU_COLUMN not in runs:
+        return {}
+    miss = runs[runs[PLATEAU_COLUMN] == 0]
+    return {m: sorted(int(s) for s in g["seed"]) for m, g in miss.groupby("model", sort=False)}
+
+
+def plateau_label(seeds: list[int], of: int | None = None) -> str:
+    """'(not at its plateau in seeds 1, 2)', or '(not at its plateau)' when that is every one of its
+    ``of`` seeds: what follows a net's name wherever it is used."""
+    if of is not None and len(seeds) >= of:
+        return "(not at its plateau)"
+    return f"(not at its plateau in seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+
+
+def plateau_findings(runs: pd.DataFrame) -> list[str]:
+    """Per net and seed, whether the run reached its plateau (``resnet_lab.plateau``, logged by
+    training as ``final/plateau``)."""
+    what = PLATEAU_HEAD
+    if PLATEAU_COLUMN not in runs:  # a frame not loaded from a store
+        return []
+    if runs[PLATEAU_COLUMN].isna().all():
+        return [f"{what}: not measured, these runs logged no `{plateau.FINAL_KEY}` (trained before the lab measured it), "
+                "so no sentence here says whether a net had finished training."]
+    parts = []
+    for model, g in runs.groupby("model", sort=False):
+        g = g.sort_values("seed")
+        by = {"reached": [int(s) for s in g.loc[g[PLATEAU_COLUMN] == 1, "seed"]],
+              "not reached": [int(s) for s in g.loc[g[PLATEAU_COLUMN] == 0, "seed"]],
+              "not measured": [int(s) for s in g.loc[g[PLATEAU_COLUMN].isna(), "seed"]]}
+        said = [f"{k} in seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}" for k, v in by.items() if v]
+        parts.append(f"{display_name(model)} {', '.join(said)}")
+    n, reached = len(runs), int((runs[PLATEAU_COLUMN] == 1).sum())
+    head = f"{what}: reached in {reached} of {n} runs"
+    return [f"{head} ({'; '.join(parts)})." if reached < n else f"{head}."]
+
+
+def departures(runs: pd.DataFrame, recipe: Recipe = PAPER) -> list[str]:
+    """Every way the runs' training params depart from the paper's recipe, one sentence each."""
+    out = []
+    num = lambda name: _float(shared_param(runs, name))  # noqa: E731
+    dataset = shared_param(runs, "dataset")
+    label, n_train, shape = DATASETS.get(dataset or "", (dataset or "?", None, "?"))
+    resize = num("resize")
+    if dataset != recipe.dataset:
+        out.append(f"Data: {label} ({shape}), not CIFAR-10 ({recipe.image}).")
+    if resize:
+        out.append(f"Images resized to {int(resize)}×{int(resize)}, not {recipe.image.split('×', 1)[1]}.")
+    val = num("val_size") or 0.0
+    train_size = num("train_size")
+    if train_size:
+        out.append(f"Training set: a fixed {int(train_size):,}-image subset, not {recipe.train_images:,} images.")
+    elif n_train and n_train - val != recipe.train_images:
+        out.append(f"Training set: {int(n_train - val):,} images, not {recipe.train_images:,}.")
+    if val != recipe.val_images:
+        out.append(f"Validation split: {f'{int(val):,} images' if val else 'none'}, not {recipe.val_images:,} images "
+                   "held out of training.")
+    test_size = num("test_size")
+    if test_size:
+        out.append(f"Test error on a fixed {int(test_size):,}-image subset of the test set (the same images for every "
+                   f"run), not all {recipe.test_images:,} images.")
+    its, batch = num("iterations"), num("batch_size")
+    if its and its != recipe.iterations:
+        images = train_size or (n_train - val if n_train else None)
+        passes = f" ({fmt(its * batch / images)} passes over the training set)" if batch and images else ""
+        paper_passes = recipe.iterations * recipe.batch_size / recipe.train_images
+        out.append(f"Length: {int(its):,} iterations{passes}, not {recipe.iterations:,} (about {paper_passes:.0f} "
+                   "passes).")
+    if batch and batch != recipe.batch_size:
+        out.append(f"Batch size {int(batch)}, not {recipe.batch_size}.")
+    for name, word, paper in (("lr", "Learning rate", recipe.lr), ("momentum", "Momentum", recipe.momentum),
+                              ("weight_decay", "Weight decay", recipe.weight_decay),
+                              ("lr_decay", "lr drop factor", recipe.lr_decay)):
+        v = num(name)
+        if v is not None and not math.isclose(v, paper):  # settings as configured, not as measured numbers
+            out.append(f"{word} {v:g}, not {paper:g}.")
+    drops = shared_milestones(runs)
+    if its and drops and [d / its for d in drops] != [m / recipe.iterations for m in recipe.milestones]:
+        at = lambda ms, n: " and ".join(f"{m:,} ({100 * m / n:.0f} %)" for m in ms)  # noqa: E731
+        out.append(f"lr drops at iterations {at(drops, its)}, not at {at(recipe.milestones, recipe.iterations)} "
+                   "of training.")
+    if shared_param(runs, "augment") in ("False", "false"):
+        out.append(f"No augmentation, not {recipe.augment}.")
+    built = set(runs.loc[runs["arch"] != "plain", "shortcut"].dropna()) if "shortcut" in runs else set()
+    if len(built) == 1 and (shortcut := built.pop()) != recipe.shortcut:
+        out.append(f"Shortcut option {shortcut}, not {recipe.shortcut}.")
+    depths = sorted(int(d) for d in runs["depth"].dropna().unique())
+    if depths and tuple(depths) != recipe.depths:
+        out.append(f"Depths {_and(depths)}, not {_and(list(recipe.depths))}.")
+    return out
+
+
+def _and(items: list) -> str:
+    items = [f"{i}" for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Banner:
+    """The reduced-scale banner: what it is, each departure from the paper, what it shows of Fig. 6."""
+
+    intro: str
+    departures: list[str]
+    verdict: str | None
+
+
+def scale_banner(runs: pd.DataFrame, scale: str | None) -> Banner | None:
+    """For a CPU-scale study: every way it departs from the paper's recipe (one sentence each), then
+    what it shows of Fig. 6, from the same checks the summary states (so the two cannot disagree)."""
     if scale != "cpu":
         return None
-    its, batch = shared_param(runs, "iterations"), shared_param(runs, "batch_size")
-    train_size, test_size = shared_param(runs, "train_size"), shared_param(runs, "test_size")
-    length = f"{int(its):,} iterations at batch {batch}" if its and batch else "a short schedule"
-    if its and batch and train_size:
-        length += (f" ({int(its) * int(batch) / int(train_size):.1f} passes over a {int(train_size):,}-image "
-                   "training subset)")
-    test = f"; test error on a fixed {int(test_size):,}-image subset of the test set" if test_size else ""
-    text = (f"CPU scale: a shortened study for a machine without CUDA, {length}{test}, against the paper's 64k "
-            "iterations. It shows the early part of training, where a deep plain net lags most.")
-    res = runs[runs["arch"] == "residual"].drop_duplicates("model").sort_values("depth")
-    if res["depth"].nunique() >= 2:
-        deep, shallow = res["model"].iloc[-1], res["model"].iloc[0]
-        p = paired(runs, deep, shallow, "train_error")
-        word = _direction(p) if p is not None else None
-        errors = f"{pct(p.a_mean)} vs {pct(p.b_mean)} final training error" if p is not None else ""
-        if word == "better":
-            text += f" At this length {display_name(deep)} already trains better than {display_name(shallow)} ({errors}), as in Fig. 6 (right)."
-        elif p is not None:
-            how = (f"trains worse than {display_name(shallow)}" if word == "worse"
-                   else f"and {display_name(shallow)} show no clear difference")
-            text += (f" At this length {display_name(deep)} {how} ({errors}), while in the paper's Fig. 6 (right) "
-                     "the deeper ResNet trains clearly better: that needs the full schedule (`--scale full`, a GPU). "
-                     "Here, compare plain and residual at the same depth, not ResNet depths with each other.")
-    return text
+    found = departures(runs)
+    intro = ("CPU scale: a reduced study for a machine without CUDA"
+             + (f"; it departs from {PAPER.source}'s recipe in {len(found)} ways:" if found else "."))
+    return Banner(intro, found, fig6_verdict(runs))
 
 
 def _depth_reading(arch: str, word: str) -> str:
@@ -221,12 +453,8 @@ def flow_ratios(grad_flow: pd.DataFrame) -> pd.DataFrame:
 
 
 def ratio_text(r: float) -> str:
-    """3 significant figures: 0.0829, 39.2, 7,770 (thousands written out up to a million); '–' if undefined."""
-    if r is None or not math.isfinite(r):
-        return "–"
-    if 1e3 <= abs(r) < 1e6:
-        return f"{float(f'{r:.3g}'):,.0f}"
-    return f"{r:.3g}"
+    """3 significant figures (:func:`analysis.numbers.fmt`): 0.0829, 39.2, 7,770; '–' if undefined."""
+    return fmt(r, missing="–")
 
 
 def _x(r: float) -> str:
@@ -343,7 +571,7 @@ def response_findings(responses: pd.DataFrame) -> list[str]:
     word = {"lower": "smaller", "higher": "larger", "the same": "the same size as"}[compare(r["value"], p["value"])]
     s = (f"{display_name(r['model'])}'s layer responses (std of each 3×3 conv's BN output, mean over layers, end "
          f"of training) are {word}{'' if word.startswith('the same') else ' than'} {display_name(p['model'])}'s: "
-         f"{r['value']:.3g} vs {p['value']:.3g}")
+         f"{fmt(r['value'], like=[p['value']])} vs {fmt(p['value'], like=[r['value']])}")
     s += (", as He et al. Fig. 7 reports for ResNets." if word == "smaller"
           else ", unlike the smaller ResNet responses in He et al. Fig. 7.")
     return [s]
@@ -363,10 +591,13 @@ def anchor_findings(runs: pd.DataFrame, anchor: Anchor | None) -> list[str]:
             mean, sd, n = (float(nets.loc[model, f"{metric}_{k}"]) for k in ("mean", "sd", "n"))
             inside = within_two_sd(ref, mean, sd, int(n))
             if inside is None:
-                where = f"{pct(mean)} (one seed: no sd) vs {ref:g} % ({mean - ref:+.2f} points)"
+                where = (f"{pct(mean, (ref,))} (one seed: no sd) vs {pct(ref, (mean,))} "
+                         f"({fmt(mean - ref, like=(mean, ref), sign=True)} points)")
             else:
-                where = (f"{mean:.2f} ± {sd:.2f} % over {int(n)} seeds vs {ref:g} %: "
-                         f"{'inside' if inside else 'outside'} mean ± 2 sd ({mean - 2 * sd:.2f} to {mean + 2 * sd:.2f})")
+                lo, hi = mean - 2 * sd, mean + 2 * sd
+                group = (mean, sd, lo, hi)
+                where = (f"{fmt(mean, like=group)} ± {fmt(sd, like=group)} % over {int(n)} seeds vs {fmt(ref)} %: "
+                         f"{'inside' if inside else 'outside'} mean ± 2 sd ({fmt(lo, like=group)} to {fmt(hi, like=group)})")
             parts.append(f"{display_name(model)} {METRIC_WORDS[metric]} {where}")
     if not parts:
         return []
@@ -387,6 +618,7 @@ def summarize(runs: pd.DataFrame, grad_flow: pd.DataFrame, responses: pd.DataFra
     """Every finding the data supports, in report order, from the tidy ``runs`` frame (one row per run)."""
     weights = weight_grad_ratios(grad_norm_series) if grad_norm_series is not None else pd.DataFrame()
     by_curve = curve_degradation(runs, curves) if curves is not None else []
-    return (single_seed_finding(runs) + depth_findings(runs) + by_curve + residual_vs_plain(runs)
+    return (single_seed_finding(runs) + plateau_findings(runs) + depth_findings(runs) + by_curve
+            + fig6_findings(runs) + residual_vs_plain(runs)
             + gradient_flow_findings(flow_ratios(grad_flow))
             + weight_grad_findings(weights) + response_findings(responses) + anchor_findings(runs, anchor))

@@ -49,7 +49,7 @@ def write_report(study: str, *, tracking_uri: str | None = None, out_dir: Path =
 def check_writable(folder: Path) -> None:
     """``folder`` exists as a writable directory or can be created: its nearest existing
     ancestor is a writable directory. Checked, never created, so a failure leaves nothing."""
-    check_can_create(folder, "the report folder", "pass another --out")
+    check_can_create(folder, "the report folder", "pass another `out_dir`")
 
 
 def log_report(rep: Report) -> str | None:
@@ -96,7 +96,11 @@ def parent_note(rep: Report) -> str:
     datasets = ", ".join(sorted(runs["param_dataset"].dropna().unique()))
     head = describe_study(study.name, study.scale, list(dict.fromkeys(runs["model"])), [int(s) for s in runs["seed"]],
                           lengths or ["? iterations"], datasets or "?")
-    return head + "\n\n" + "\n".join(f"- {s}" for s in rep.summary) + "\n\nThe report: artifacts report/report.html."
+    from .document import artifact_url
+
+    url = artifact_url(study, study.parent.run_id, "report/report.html") if study.parent is not None else None
+    where = f"[report/report.html]({url})" if url else "report/report.html"
+    return head + "\n\n" + "\n".join(f"- {s}" for s in rep.summary) + f"\n\nThe report: artifact {where}."
 
 
 # --------------------------------------------------------------------------- CLI
@@ -138,9 +142,19 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+# The Python API names its arguments (`tracking_uri`); on the command line the same words are flags.
+FLAGS = {"`tracking_uri`": "--tracking-uri", "`scale`": "--scale", "`out_dir`": "--out"}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     name = study_name(args.study)
-    path = write_report(name, tracking_uri=args.tracking_uri, out_dir=args.out,
-                        log_to_mlflow=not args.no_mlflow, scale=args.scale)
+    try:
+        path = write_report(name, tracking_uri=args.tracking_uri, out_dir=args.out,
+                            log_to_mlflow=not args.no_mlflow, scale=args.scale)
+    except UserError as e:
+        message = str(e)
+        for arg, flag in FLAGS.items():
+            message = message.replace(arg, flag)
+        raise UserError(message) from None
     print(path)
     return 0

@@ -38,11 +38,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from resnet_lab import plateau
 from resnet_lab.errors import UserError
+from resnet_lab.scales import SCALES
 from resnet_lab.tracking import connect, display_uri, is_sqlite, no_download_bars, resolve_tracking_uri, search_all_runs, sqlite_path
 
-CURVE_KEYS = ("train/error", "test/error", "val/error", "train/loss", "test/loss", "val/loss", "lr")
+CURVE_KEYS = ("train/error", "test/error", "val/error", "train/loss", "test/loss", "val/loss", "lr",
+              plateau.HISTORY_KEY)  # the last: loss on a fixed unaugmented training subset (the plateau's curve)
 FINAL_KEYS = (*CURVE_KEYS, "perf/images_per_s")
+PLATEAU_KEY = plateau.FINAL_KEY  # 1.0: the run reached its plateau (resnet_lab.plateau), 0.0: not; absent: not measured
 ERROR_COLUMNS = ("train_error", "test_error", "val_error")
 METRIC_COLUMNS = ("train_error", "test_error", "val_error", "train_loss", "test_loss", "val_loss")
 ID_COLUMNS = ["run_id", "model", "arch", "depth", "seed"]
@@ -153,6 +157,8 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
     wins. What is left out and why is in ``notes`` and ``left_out``. An unknown experiment
     or one with no finished training runs is a ``UserError``.
     """
+    if scale is not None and scale not in SCALES:
+        raise UserError(f"`scale` must be {' or '.join(SCALES)}, got {scale!r}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     uri = resolve_tracking_uri(tracking_uri)
@@ -163,7 +169,7 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
         names = sorted(e.name for e in client.search_experiments(max_results=50))
         known = f"; experiments there: {', '.join(names[:12])}" if names else "; the store has no experiments"
         raise UserError(f"no MLflow experiment {study!r} in tracking store {display_uri(uri)}{known} "
-                        "(run the study first, or pass --tracking-uri)")
+                        "(run the study first, or pass `tracking_uri`)")
     all_runs = search_all_runs(client, exp.experiment_id)
     timings["search_runs"] = time.perf_counter() - t0
 
@@ -172,7 +178,12 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
     children = _children(all_runs, study, parent, scale)
     if not children:
         where = f"experiment {study!r} in tracking store {display_uri(uri)}"
-        raise UserError(f"no training runs in {where}: run the study first (or check the study name / --tracking-uri)")
+        held = _scales_held(all_runs, study)
+        if scale is not None and held:
+            raise UserError(f"no {scale}-scale training runs in {where}; it holds "
+                            + ", ".join(f"{s}-scale runs ({n})" for s, n in held.items())
+                            + f": pass `scale` {' or '.join(held)}, or run the study at {scale} scale first")
+        raise UserError(f"no training runs in {where}: run the study first (or check the study name / `tracking_uri`)")
     runs_df, params = _runs_frame(children)
     runs_df, left_out = _finished_newest(runs_df)
     for row in left_out.itertuples():
@@ -189,6 +200,9 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
 
     t1 = time.perf_counter()
     curves = _load_curves(client, runs_df, children)
+    # the schedule rides along with the frame (pandas keeps attrs through filtering), so a notebook's
+    # draw_degradation(study.curves[...]) marks the lr drops by itself
+    curves.attrs.update(milestones=shared_milestones(runs_df), lr_decay=_float(shared_param(runs_df, "lr_decay")))
     timings["curves"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     tables = _load_probes(uri, runs_df, children, max_points=max_points) if probes else {}
@@ -198,6 +212,9 @@ def load_study(study: str, tracking_uri: str | None = None, *, scale: str | None
         missing = [n for n in runs_df["run_name"] if n not in set(tables.get("_have", []))]
         if missing:
             notes.append(f"no probe artifacts for {', '.join(missing)}: left out of the gradient and response figures")
+        for name, rid, file, why in tables.get("_unreadable", []):
+            notes.append(f"could not read {file} of run {name} ({rid[:8]}): {why}; that run is left out of the figures "
+                         "and sentences that table feeds")
     t3 = time.perf_counter()
     diagnostics = _load_diagnostics(client, uri, runs_df, children, parent) if probes else {}
     timings["diagnostics"] = time.perf_counter() - t3
@@ -219,7 +236,7 @@ def _require_sqlite_file(uri: str) -> None:
     path = sqlite_path(uri)
     if path is None or not path.is_file():
         raise UserError(f"no MLflow tracking store at {display_uri(uri)} (file {path or '?'} not found): run the study "
-                        "first, or pass --tracking-uri / set MLFLOW_TRACKING_URI to the store it wrote")
+                        "first, or pass `tracking_uri` / set MLFLOW_TRACKING_URI to the store it wrote")
 
 
 def _pick_parent(all_runs: list[Any], study: str, scale: str | None) -> ParentRun | None:
@@ -233,6 +250,16 @@ def _pick_parent(all_runs: list[Any], study: str, scale: str | None) -> ParentRu
                      params=dict(r.data.params))
 
 
+def _scales_held(all_runs: list[Any], study: str) -> dict[str, int]:
+    """scale -> number of the study's training runs of that scale in the experiment."""
+    held: dict[str, int] = {}
+    for r in all_runs:
+        tags = r.data.tags
+        if tags.get("kind") == "train" and tags.get("study", study) == study and tags.get("scale"):
+            held[tags["scale"]] = held.get(tags["scale"], 0) + 1
+    return dict(sorted(held.items()))
+
+
 def _children(all_runs: list[Any], study: str, parent: ParentRun | None, scale: str | None) -> list[Any]:
     """Training runs of the study: ``kind=train`` (or, in an ad-hoc experiment without study
     tags, every run with a ``model`` tag), of the parent's scale when it has one."""
@@ -243,6 +270,13 @@ def _children(all_runs: list[Any], study: str, parent: ParentRun | None, scale: 
     if want:
         runs = [r for r in runs if r.data.tags.get("scale", want) == want]
     return runs
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _int(value: Any) -> int | None:
@@ -273,6 +307,7 @@ def _runs_frame(children: list[Any]) -> tuple[pd.DataFrame, dict[str, dict[str, 
         }
         row |= {f"param_{k}": p.get(k) for k in KEY_PARAMS}
         row |= {metric_column(k): m.get(k, math.nan) for k in FINAL_KEYS}
+        row["plateau"] = m.get(PLATEAU_KEY, math.nan)
         row |= {metric_column(k): v for k, v in m.items() if k.startswith(DIAG_PREFIX)}  # diagnostics' numbers
         rows.append(row)
         params[r.info.run_id] = dict(p)
@@ -478,7 +513,10 @@ def _load_probes(uri: str, runs: pd.DataFrame, children: list[Any], *, max_point
     # grad_norms of a long run is large (64k iterations x ~230 layers): a few at a time
     with ThreadPoolExecutor(max_workers=min(4, max(1, len(ids)))) as pool:
         results = dict(zip(ids, pool.map(one, ids)))
-    out: dict[str, Any] = {"_have": [runs.set_index("run_id").loc[rid, "run_name"] for rid, t in results.items() if t]}
+    names = runs.set_index("run_id")["run_name"]
+    out: dict[str, Any] = {"_have": [names[rid] for rid, t in results.items() if t],
+                           "_unreadable": [(names[rid], rid, file, why) for rid, t in results.items() if t
+                                           for file, why in t.get("_unreadable", [])]}
     meta = runs[ID_COLUMNS].set_index("run_id")
     empty = _empty_probe_frames()
     for name in empty:
@@ -511,18 +549,35 @@ def _probe_tables_of_run(uri: str, artifact_uri: str, *, window: int, max_points
         return _read_probe_dir(d, names, window, max_points)
 
 
-def _read_probe_dir(d: Path, names: set[str], window: int, max_points: int) -> dict[str, pd.DataFrame]:
-    out: dict[str, pd.DataFrame] = {}
+def _read_probe_dir(d: Path, names: set[str], window: int, max_points: int) -> dict[str, Any]:
+    """The run's probe tables; a file that cannot be read (truncated, corrupt) is left out and named
+    under ``"_unreadable"`` as (file, reason), so one damaged artifact costs its figures, not the report."""
+    out: dict[str, Any] = {}
+    bad: list[tuple[str, str]] = []
+
+    def guarded(file: str, read: Callable[[], Any]) -> Any:
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid, OSError, a missing column...
+            bad.append((f"probes/{file}", f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"))
+            return None
+
     for key in ("grad_flow", "responses"):
         if PROBE_FILES[key] in names:
-            out[key] = pd.read_parquet(d / PROBE_FILES[key])
+            table = guarded(PROBE_FILES[key], lambda key=key: pd.read_parquet(d / PROBE_FILES[key]))
+            if table is not None:
+                out[key] = table
     if PROBE_FILES["grad_norms"] in names:
         points: set[int] = set()
         for key in ("grad_flow", "responses"):
             if key in out:
                 points |= {int(i) for i in out[key]["iteration"]}
-        out["grad_norms"], out["grad_norm_series"] = reduce_grad_norms(
-            d / PROBE_FILES["grad_norms"], points=sorted(points), window=window, max_points=max_points)
+        reduced = guarded(PROBE_FILES["grad_norms"], lambda: reduce_grad_norms(
+            d / PROBE_FILES["grad_norms"], points=sorted(points), window=window, max_points=max_points))
+        if reduced is not None:
+            out["grad_norms"], out["grad_norm_series"] = reduced
+    if bad:
+        out["_unreadable"] = bad
     return out
 
 

@@ -65,6 +65,9 @@ class TrainConfig:
     eval_every: int = 2000
     eval_batch_size: int = 1000
     log_every: int = 100
+    # training loss/error on this many fixed, unaugmented training images at every evaluation
+    # (train_fixed/*), which decides whether the run reached its plateau (resnet_lab.plateau); 0 = off
+    plateau_images: int = 1000
     # probes (resnet_lab.probes)
     probes: bool = True
     grad_every: int = 1
@@ -112,7 +115,7 @@ class TrainConfig:
         if self.checkpoint_every < 0 or self.checkpoint_every % self.log_every:
             raise UserError(f"checkpoint_every must be 0 (off) or a multiple of log_every ({self.log_every}), "
                             f"got {self.checkpoint_every}")
-        for name in ("val_size", "warmup_iterations", "seed"):
+        for name in ("val_size", "warmup_iterations", "seed", "plateau_images"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("resize", "train_size", "test_size"):

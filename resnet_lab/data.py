@@ -73,6 +73,8 @@ DIAG_SUBSET_STREAM, LESION_DRAW_STREAM, CURVATURE_STREAM = 16, 17, 18
 # The test subset of a quick run (``test_size``): drawn once for the dataset, not per seed, so every
 # run and seed of a study is evaluated on the same images (the paired comparisons stay paired).
 TEST_SUBSET_STREAM = 5
+# The fixed training images a run's plateau is judged on (``plateau_subset``).
+PLATEAU_SUBSET_STREAM = 6
 
 
 def derive_seed(*parts: int) -> int:
@@ -294,6 +296,17 @@ def test_subset(test: Split, test_size: int | None) -> Split:
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(derive_seed(0, TEST_SUBSET_STREAM)))
     idx = perm[:test_size].sort().values
     return Split(test.images[idx], test.labels[idx])
+
+
+def plateau_subset(train: Split, size: int) -> Split:
+    """``size`` images of the training split (all of it if smaller), picked by one fixed permutation of
+    its positions, sorted back to file order: the same images for every net trained on that split
+    (every net of a seed; every seed too when the split is the whole training set)."""
+    if size >= len(train):
+        return train
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(derive_seed(0, PLATEAU_SUBSET_STREAM)))
+    idx = perm[:size].sort().values
+    return Split(train.images[idx], train.labels[idx])
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import plateau
 from .checkpoint import TrainState, refuse_other_hardware, remove_checkpoint, save_atomic
 from .checkpoint import load as load_checkpoint
 from .models import count_parameters
 from .tracking import RunTracker, git_commit, resolve_tracking_uri, system_metrics_enabled
 
 if TYPE_CHECKING:
+    from .config import TrainConfig
     from .train import Setup
 
 
@@ -125,7 +127,7 @@ def log_final(setup: Setup, state: TrainState, tracker: RunTracker) -> None:
     final = final_errors(state.last)
     # step 0: MLflow's chart view draws a key that never reaches step 1 as bars, one per run with its
     # value written on it (how final errors are compared); at step = iterations it drew lone dots
-    tracker.log([(key, value, 0) for key, value in final.items()])
+    tracker.log([(key, value, 0) for key, value in (final | final_plateau(tracker, setup.cfg)).items()])
     tracker.log_text(setup.cfg.to_json(), "config.json")
     _log_figures(tracker, setup, state)
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +137,16 @@ def log_final(setup: Setup, state: TrainState, tracker: RunTracker) -> None:
         files += [(p, "probes") for p in state.probes.write_tables(Path(tmp) / "probes")]
         tracker.log_artifacts(files)
     _describe_run(tracker, setup, final)
+
+
+def final_plateau(tracker: RunTracker, cfg: TrainConfig) -> dict[str, float]:
+    """``final/plateau``: 1.0 when the run's ``train_fixed/loss`` history (read back from MLflow, so a
+    resumed run's earlier points count) meets ``plateau.verdict``, else 0.0; nothing when it is off."""
+    if not cfg.plateau_images:
+        return {}
+    tracker.flush()
+    history = tracker.history(plateau.HISTORY_KEY)
+    return {plateau.FINAL_KEY: float(plateau.verdict([s for s, _ in history], [v for _, v in history]).reached)}
 
 
 def _log_figures(tracker: RunTracker, setup: Setup, state: TrainState) -> None:

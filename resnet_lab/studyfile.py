@@ -45,9 +45,9 @@ from .config import TrainConfig, apply, check_experiment_name
 from .diagnostics import settings as DIAG
 from .errors import UserError
 from .models import parse_model_name
+from .scales import SCALES
 from .speed import FUSE_CHOICES
 
-SCALES = ("cpu", "full")
 ARCHS = {"plain": "plain", "resnet": "resnet", "residual": "resnet"}  # study arch -> model name prefix
 GRID_KEYS = ("archs", "depths", "models", "seeds")
 TOP_KEYS = ("name", "description", *GRID_KEYS, "fuse", "train", "overrides", "diagnostics", "cpu")

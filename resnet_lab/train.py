@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import runlog
 from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path, history_path
 from .config import TrainConfig, check_device_name
-from .data import Dataset, DeviceLoader, load_dataset
+from .data import Dataset, DeviceLoader, load_dataset, plateau_subset
 from .errors import UserError, check_can_create
 from .fused import FusedResNet
 from .models import ResNet, build_model
@@ -166,6 +166,10 @@ def start(setups: Sequence[Setup]) -> Group:
         evals = {name: DeviceLoader(split, batch_size=cfg.eval_batch_size, device=device, mean=data.mean,
                                     std=data.std, train=False)
                  for name, split in (("test", data.test), ("val", data.val)) if split is not None}
+        if cfg.plateau_images:  # the plateau's curve: fixed training images, unaugmented (resnet_lab.plateau)
+            evals["train_fixed"] = DeviceLoader(plateau_subset(data.train, cfg.plateau_images),
+                                                batch_size=cfg.eval_batch_size, device=device, mean=data.mean,
+                                                std=data.std, train=False)
         probes = make_probes(cfg, model, device, evals["test"])
         states.append(TrainState(model, optimizer, loader, probes, window=torch.zeros(2, device=device),
                                  history=history_path(setup.checkpoint)))
@@ -255,7 +259,9 @@ def _loop(group: Group, trackers: list[RunTracker], saved: list[dict | None], st
                 if (it % cfg.eval_every == 0 or it == total) and not diverged:
                     for name, loader in evals[k].items():
                         loss, error = evaluate(states[k].model, loader, speed)
-                        points += [(f"{name}/loss", loss, it), (f"{name}/error", error, it)]
+                        points.append((f"{name}/loss", loss, it))
+                        if name != "train_fixed":  # the plateau's curve is its loss alone: the 30-key budget
+                            points.append((f"{name}/error", error, it))
                     states[k].probes.measure(it)
                 points += states[k].probes.drain()
                 if it > logged_upto[k]:

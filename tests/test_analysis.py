@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from mlflow import MlflowClient
 from analysis import findings
 from analysis.document import build_report
 from analysis.figures import FIGURES, FigureResult, draw_figures
+from analysis.numbers import fmt, pm
 from analysis.report import add_parser, study_name, write_report
 from analysis.runs import CURVE_KEYS, aggregate, load_study, reduce_grad_norms
 from resnet_lab.config import TrainConfig
@@ -198,10 +200,11 @@ def test_report_table_equals_run_metrics(store: dict, report: Path) -> None:
         assert rid[:8] in text and rid in text  # short id in the results table, full id in the runs table
     m = {s: client.get_run(store["runs"][("resnet-8", s)]).data.metrics for s in (0, 1)}
     te = [m[s]["test/error"] for s in (0, 1)]
-    assert f"{np.mean(te):.2f} ± {np.std(te, ddof=1):.2f}" in text
+    assert pm(np.mean(te), np.std(te, ddof=1), 2) in text
     plain14 = client.get_run(store["runs"][("plain-14", 0)]).data.metrics
-    row = next(line for line in text.splitlines() if line.startswith("| plain-14 |"))
-    assert f"| {plain14['train/error']:.2f} | {plain14['test/error']:.2f} |" in row
+    rid14 = store["runs"][("plain-14", 0)]
+    row = next(line for line in text.splitlines() if line.startswith("| plain-14") and f"`{rid14[:8]}`" in line)
+    assert f"| {fmt(plain14['train/error'])} | {fmt(plain14['test/error'])} |" in row
     html = (report.parent / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(FIGURES) and "src=\"figures/" not in html
 
@@ -230,24 +233,32 @@ def test_report_gives_the_parent_run_headline_numbers_and_a_description(store: d
     assert bullets and all(b in report.read_text() for b in bullets)  # the report's summary sentences
 
 
+def _unlabelled(sentence: str) -> str:
+    """A summary sentence without the plateau labels the report adds to nets that did not reach it."""
+    return re.sub(r" \(not at its plateau( in seeds? [\d, ]+)?\)", "", sentence)
+
+
 def test_summary_is_computed_from_the_numbers(study, tmp_path: Path) -> None:
     agg = aggregate(study.runs).set_index("model")
     a, b = agg.loc["plain-14", "train_error_mean"], agg.loc["plain-8", "train_error_mean"]
     word = "worse" if a > b else "better"
     rep = build_report(study, tmp_path / "r1", figures=[])
+    rep.summary = [_unlabelled(s) for s in rep.summary]
     # plain-14 and plain-8 share one seed: the difference, worded as one seed (issue 13)
-    assert any(s.startswith(f"plain-14 trains {word} than plain-8 by {abs(a - b):.2f} points (one seed, no interval; "
-                            f"training error {a:.2f} % vs {b:.2f} %)") for s in rep.summary)
+    ab, ba = f"{fmt(a, like=[b])} % vs {fmt(b, like=[a])} %", f"{fmt(b, like=[a])} % vs {fmt(a, like=[b])} %"
+    assert any(s.startswith(f"plain-14 trains {word} than plain-8 by {fmt(abs(a - b))} points (one seed, no interval; "
+                            f"training error {ab})") for s in rep.summary)
     # flip the ordering in the loaded runs: the sentence must flip with it
     runs = study.runs.copy()
     i14, i8 = runs.index[runs["model"] == "plain-14"][0], runs.index[runs["model"] == "plain-8"][0]
     runs.loc[i14, "train_error"], runs.loc[i8, "train_error"] = b, a
     flipped = dataclasses.replace(study, runs=runs)
     rep2 = build_report(flipped, tmp_path / "r2", figures=[])
+    rep2.summary = [_unlabelled(s) for s in rep2.summary]
     other = "better" if word == "worse" else "worse"
-    assert any(s.startswith(f"plain-14 trains {other} than plain-8 by {abs(a - b):.2f} points (one seed, no interval; "
-                            f"training error {b:.2f} % vs {a:.2f} %)") for s in rep2.summary)
-    assert f"{b:.2f} % vs {a:.2f} %" in rep2.markdown.read_text()
+    assert any(s.startswith(f"plain-14 trains {other} than plain-8 by {fmt(abs(a - b))} points (one seed, no interval; "
+                            f"training error {ba})") for s in rep2.summary)
+    assert ba in rep2.markdown.read_text()
 
 
 def _runs(rows: list[tuple[str, int, float, float]]) -> pd.DataFrame:
@@ -303,19 +314,64 @@ def test_curve_degradation_counts_the_seeds_where_it_holds_after_the_first_drop(
     assert findings.curve_degradation(runs.assign(param_milestones=None), held) == []
 
 
-def test_cpu_banner_says_whether_the_deeper_resnet_trains_better() -> None:
-    # ResNet-56 minus ResNet-20, seed by seed: +5.0 and +5.2 points, a clear difference with 2 seeds
-    runs = _runs([("resnet-20", 0, 20, 21), ("resnet-56", 0, 25, 26), ("resnet-20", 1, 21, 22), ("resnet-56", 1, 26.2, 28)])
-    runs = runs.assign(param_iterations="300", param_batch_size="32", param_train_size="10000", param_test_size="1000")
+def _fig6_runs(deep_plain: list[float]) -> pd.DataFrame:
+    """plain/ResNet 8 and 32, three seeds, the default CPU scale's params; plain-32's training errors given."""
+    rows = []
+    for seed in range(3):
+        rows += [("plain-8", seed, 10.0 + seed, 12.0), ("resnet-8", seed, 10.5 + seed, 12.0),
+                 ("resnet-32", seed, 9.0 + seed, 11.0), ("plain-32", seed, deep_plain[seed], 20.0)]
+    return _runs(rows).assign(param_dataset="fashion-mnist", param_iterations="350", param_batch_size="32",
+                              param_train_size="10000", param_test_size="1000", param_val_size="0", param_lr="0.05",
+                              param_momentum="0.9", param_weight_decay="0.0001", param_lr_decay="0.1",
+                              param_milestones="[260, 310]", param_augment="True", shortcut="A")
+
+
+def test_cpu_banner_lists_every_departure_and_says_what_the_summary_says() -> None:
+    runs = _fig6_runs([20.0, 22.0, 23.0])  # plain-32 above plain-8 and ResNet-32 in every seed
     assert findings.scale_banner(runs, "full") is None
-    text = findings.scale_banner(runs, "cpu")
-    assert "300 iterations at batch 32 (1.0 passes over a 10,000-image training subset)" in text
-    assert "1,000-image subset of the test set" in text
-    assert "ResNet-56 trains worse than ResNet-20 (25.60 % vs 20.50 %" in text and "--scale full" in text
-    close = runs.assign(train_error=[20, 25, 21, 20])  # +5 and -1 points: the interval holds 0
-    assert "ResNet-56 and ResNet-20 show no clear difference (22.50 % vs 20.50 %" in findings.scale_banner(close, "cpu")
-    flipped = runs.assign(train_error=[30, 20, 31.5, 21])  # -10 and -10.5 points: a clear difference
-    assert "ResNet-56 already trains better than ResNet-20" in findings.scale_banner(flipped, "cpu")
+    banner = findings.scale_banner(runs, "cpu")
+    assert banner.departures == [
+        "Data: Fashion-MNIST (1×28×28), not CIFAR-10 (3×32×32).",
+        "Training set: a fixed 10,000-image subset, not 45,000 images.",
+        "Validation split: none, not 5,000 images held out of training.",
+        "Test error on a fixed 1,000-image subset of the test set (the same images for every run), not all 10,000 images.",
+        "Length: 350 iterations (1.12 passes over the training set), not 64,000 (about 182 passes).",
+        "Batch size 32, not 128.",
+        "Learning rate 0.05, not 0.1.",
+        "lr drops at iterations 260 (74 %) and 310 (89 %), not at 32,000 (50 %) and 48,000 (75 %) of training.",
+        "Depths 8 and 32, not 20, 32, 44, 56 and 110."]
+    assert "in 9 ways" in banner.intro
+    assert banner.verdict == ("All 3 of He et al. Fig. 6's training facts hold for plain-8, plain-32, ResNet-8 and "
+                              "ResNet-32 in these runs.")
+    assert banner.verdict in findings.summarize(runs, pd.DataFrame(), pd.DataFrame())
+    # plain-32 no longer clearly above ResNet-32 (seed 1 below it): the banner names the failing fact, as the
+    # summary does, and gives no advice the summary contradicts (issue 24, item 8)
+    mixed = _fig6_runs([20.0, 9.5, 23.0])
+    banner = findings.scale_banner(mixed, "cpu")
+    summary = findings.summarize(mixed, pd.DataFrame(), pd.DataFrame())
+    assert banner.verdict == ("He et al. Fig. 6's training facts for plain-8, plain-32, ResNet-8 and ResNet-32: "
+                              "degradation and shortcut do not hold; deep ResNet holds (see the Summary).")
+    assert banner.verdict in summary
+    shortcut = next(s for s in summary if s.startswith("He et al. Fig. 6 in every seed (shortcut)"))
+    assert "is above ResNet-32's in 2 of 3 seeds" in shortcut and "not above in seed 1" in shortcut
+    assert "compare plain and residual at the same depth" not in " ".join([banner.intro, *banner.departures,
+                                                                           banner.verdict])
+
+
+def test_fig6_checks_say_per_seed_which_fact_fails() -> None:
+    holds = findings.fig6_checks(_fig6_runs([20.0, 22.0, 23.0]))
+    assert [c.name for c in holds] == ["degradation", "shortcut", "deep ResNet"] and all(c.holds for c in holds)
+    deg = holds[0].sentence
+    assert deg.startswith("plain-32's final training error is above plain-8's in 3 of 3 seeds (seed 0: 20.0 % vs "
+                          "10.0 %; seed 1: 22.0 % vs 11.0 %; seed 2: 23.0 % vs 12.0 %); difference +10.7 points (95 % CI ")
+    assert deg.endswith(": holds.")
+    assert holds[2].sentence.startswith("ResNet-32's final training error is at most about ResNet-8's")
+    # a deep ResNet clearly worse than the shallow one: the third fact fails, and says so
+    worse = _fig6_runs([20.0, 22.0, 23.0])
+    worse.loc[worse["model"] == "resnet-32", "train_error"] = [15.0, 16.2, 17.1]
+    (*_, deep_res) = findings.fig6_checks(worse)
+    assert deep_res.holds is False and deep_res.sentence.endswith("does not hold, it is clearly above.")
+    assert findings.fig6_checks(_runs([("plain-8", 0, 1.0, 1.0), ("resnet-8", 0, 1.0, 1.0)])) == []
 
 
 def test_one_seed_is_said_once_not_in_every_sentence() -> None:
@@ -347,11 +403,11 @@ def test_gradient_flow_finding_flips() -> None:
         return pd.DataFrame(rows)
 
     (s,) = findings.gradient_flow_findings(findings.flow_ratios(flow(30.0, 2.0)))
-    assert "it grows 30× in plain-56 and grows 2× in ResNet-56" in s
+    assert "it grows 30.0× in plain-56 and grows 2.00× in ResNet-56" in s
     assert s.endswith("closer to 1 (the gradient reaches the input more evenly) in ResNet-56 at init and at the end "
                       "of training.")
     (s,) = findings.gradient_flow_findings(findings.flow_ratios(flow(1.5, 0.1)))
-    assert "grows 1.5× in plain-56 and shrinks to 0.1× in ResNet-56" in s
+    assert "grows 1.50× in plain-56 and shrinks to 0.100× in ResNet-56" in s
     assert s.endswith("in plain-56 at init and at the end of training.")
 
     def flow_moving(init: tuple[float, float], end: tuple[float, float]) -> pd.DataFrame:
@@ -377,9 +433,9 @@ def test_weight_gradient_finding_follows_the_ratio() -> None:
         return pd.DataFrame(rows)
 
     (s,) = findings.weight_grad_findings(findings.weight_grad_ratios(series(0.5)))
-    assert "is 0.5× in plain-20 and 0.8× in ResNet-20" in s and "does not vanish" in s
+    assert "is 0.500× in plain-20 and 0.800× in ResNet-20" in s and "does not vanish" in s
     (s,) = findings.weight_grad_findings(findings.weight_grad_ratios(series(0.01)))
-    assert "is 0.01× in plain-20" in s and "weight gradients do shrink towards the input" in s
+    assert "is 0.0100× in plain-20" in s and "weight gradients do shrink towards the input" in s
 
 
 def test_partial_study_still_draws_figures_with_a_note(study, tmp_path: Path) -> None:
@@ -456,3 +512,147 @@ def test_cli_report_command(store: dict, tmp_path: Path, capsys: pytest.CaptureF
     assert study_name(str(named)) == "cifar10_paper"  # the file's name key, as the study runner uses it
     with pytest.raises(UserError, match="not found"):
         study_name(str(tmp_path / "missing.toml"))
+
+
+# --------------------------------------------------------------------------- issue 24/25/27: links, plateau, errors
+
+
+def _fake_study(runs: pd.DataFrame, uri: str = "sqlite:////tmp/none/mlflow.db", **kw) -> "Study":
+    from analysis.runs import Study
+
+    empty = pd.DataFrame()
+    return Study(name="fake", tracking_uri=uri, experiment_id="7", parent=None, runs=runs, curves=empty,
+                 grad_norms=empty, grad_norm_series=empty, grad_flow=empty, responses=empty, **kw)
+
+
+def test_every_sentence_links_to_its_runs_and_names_a_net_off_its_plateau() -> None:
+    from analysis.document import annotate, ui_base
+
+    runs = _fig6_runs([20.0, 22.0, 23.0]).assign(plateau=1.0)
+    runs.loc[(runs["model"] == "plain-32") & runs["seed"].isin([1, 2]), "plateau"] = 0.0
+    study = _fake_study(runs)
+    assert ui_base("sqlite:////tmp/x/mlflow.db") == "http://127.0.0.1:5000"  # a local store: `resnet-lab ui`'s address
+    assert ui_base("http://user:pw@host:5001/") == "http://host:5001" and ui_base("databricks") is None
+    summary = findings.summarize(runs, pd.DataFrame(), pd.DataFrame())
+    linked = annotate(summary, study)
+    for s in linked:  # every sentence names nets, so every one links to their runs
+        assert " runs](http://127.0.0.1:5000/#/compare-runs?runs=%5B%22" in s and s.endswith("%5D))."), s
+    deg = next(s for s in linked if "(degradation)" in s)
+    ids = runs.loc[runs["model"].isin(["plain-32", "plain-8"]), "run_id"]
+    assert "the 6 runs" in deg and all(f"%22{rid}%22" in deg for rid in ids)
+    # plain-32 did not reach its plateau in seeds 1 and 2: said at its first mention in every sentence using it
+    for s in linked[1:]:  # (the plateau sentence itself says it seed by seed)
+        if "plain-32" in s:
+            assert re.search(r"plain-32('s)? \(not at its plateau in seeds 1, 2\)", s) and s.count("not at its plateau") == 1, s
+    (plateau,) = findings.plateau_findings(runs)
+    assert plateau.endswith("reached in 10 of 12 runs (plain-8 reached in seeds 0, 1, 2; ResNet-8 reached in seeds "
+                            "0, 1, 2; ResNet-32 reached in seeds 0, 1, 2; plain-32 reached in seed 0, not reached in "
+                            "seeds 1, 2).")
+    # a store the UI cannot show: sentences stay as they are, no dead links
+    bare = annotate(summary, _fake_study(runs, uri="databricks"))
+    assert not any("](http" in s for s in bare) and [_unlabelled(s) for s in bare] == summary
+
+
+def test_results_csv_columns_say_why_a_cell_is_empty() -> None:
+    from analysis.tables import results_frame, summary_frame
+
+    runs = _runs([("plain-8", 0, 10.0, 12.0), ("plain-8", 1, 11.0, 12.5), ("resnet-8", 0, 9.0, 11.0)]).assign(
+        val_error=math.nan, duration_s=[61.234, 75.0, 59.9], plateau=[1.0, 0.0, math.nan], scale="cpu",
+        shortcut=["none", "none", "A"], diag_lesion_x=[1.5, math.nan, math.nan])
+    lesion = pd.DataFrame({"run_id": ["r0"], "x": [1.0]})
+    study = _fake_study(runs, diagnostics={"lesion": lesion, "landscape": lesion, "curvature": lesion,
+                                           "shattering": lesion})
+    res = results_frame(study)
+    assert "val_error" not in res  # empty in every row
+    assert list(res["minutes"]) == [1.02, 1.25, 1.0]
+    assert list(res["plateau"][:2]) == ["reached", "not reached"] and res["plateau"][2].startswith("not measured (")
+    assert list(res["diagnosed"]) == [
+        "lesion, landscape, curvature, shattering",
+        "no: diagnosed on other seeds of this net only (the study's diagnostics 'seeds' setting, or 'resnet-lab "
+        "diagnose STUDY_FILE' not run to the end)",
+        "no: not run (run 'resnet-lab diagnose STUDY_FILE')"]
+    assert res["diag_lesion_x"].isna().tolist() == [False, True, True]
+    summary = summary_frame(study).set_index("net")
+    assert summary.loc["plain-8", "plateau_reached"] == "1 of 2" and summary.loc["resnet-8", "plateau_reached"] == "not measured"
+    assert "train_error_sd" in summary  # plain-8 has two seeds
+    assert "diag_lesion_x_sd" not in summary and "diag_lesion_x_mean" in summary  # one value per net: no sd column
+    assert not summary.isna().all().any()
+
+
+def test_draw_degradation_marks_the_lr_drops_by_itself(study) -> None:
+    from matplotlib.lines import Line2D
+
+    from analysis.figures import draw_degradation, lr_drops
+
+    def drops(fig) -> set[float]:
+        return {ln.get_xdata()[0] for ln in fig.axes[0].get_lines()
+                if isinstance(ln, Line2D) and ln.get_linestyle() == ":" and len(set(ln.get_xdata())) == 1}
+
+    its = 20
+    default = [int(its * 0.5), int(its * 0.75)]  # the runs' milestones: 50 % and 75 % of the run
+    c = study.curves[study.curves["depth"] == 8]
+    assert lr_drops(c) == (default, 0.1)  # the schedule rides along with the frame
+    assert drops(draw_degradation(c)) == set(default)
+    bare = c.copy()
+    bare.attrs = {}  # a frame without the attached schedule: read off its lr curve (logged every 10 iterations)
+    assert lr_drops(bare)[0] == [20]
+    assert drops(draw_degradation(bare, milestones=[])) == set()
+
+
+def test_diagnostics_drawers_import_from_analysis_figures() -> None:
+    from analysis import diag_figures
+    from analysis.figures import draw_curvature, draw_landscape, draw_lesion, draw_shattering
+
+    assert (draw_lesion, draw_landscape, draw_curvature, draw_shattering) == (
+        diag_figures.draw_lesion, diag_figures.draw_landscape, diag_figures.draw_curvature, diag_figures.draw_shattering)
+
+
+def test_a_damaged_probe_file_names_the_run_and_the_report_is_written(store: dict, study, tmp_path: Path) -> None:
+    """Issue 25, 4.1: grad_norms.parquet cut to half its size costs that run's gradient-norm figures, not the report."""
+    rid = store["runs"][("plain-14", 0)]
+    art = Path(MlflowClient(store["uri"]).get_run(rid).info.artifact_uri.removeprefix("file://")) / "probes"
+    path = art / "grad_norms.parquet"
+    whole = path.read_bytes()
+    try:
+        path.write_bytes(whole[: len(whole) // 2])
+        md = write_report(STUDY, tracking_uri=store["uri"], out_dir=tmp_path, log_to_mlflow=False)
+        text = md.read_text()
+        assert f"could not read probes/grad_norms.parquet of run plain-14-s0 ({rid[:8]})" in text
+        assert (md.parent / "report.html").is_file() and (md.parent / "figures" / "degradation.png").is_file()
+        again = load_study(STUDY, store["uri"])
+        assert rid not in set(again.grad_norms["run_id"]) and rid in set(again.grad_flow["run_id"])
+    finally:
+        path.write_bytes(whole)
+
+
+def test_report_scale_unknown_or_without_runs_is_one_line(store: dict, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25, 4.3: `--scale gpu` is refused as `diagnose` refuses it; `--scale full` on a store with only
+    CPU-scale runs says which scales the store holds. From Python, the message names the argument."""
+    from resnet_lab.cli import main
+
+    out = tmp_path / "o"
+    assert main(["report", STUDY, "--tracking-uri", store["uri"], "--out", str(out), "--scale", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == "resnet-lab: error: --scale must be cpu or full, got 'gpu'\n"
+    assert main(["report", STUDY, "--tracking-uri", store["uri"], "--out", str(out), "--scale", "full"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"resnet-lab: error: no full-scale training runs in experiment '{STUDY}'") and \
+        err.count("\n") == 1
+    assert "it holds cpu-scale runs (5): pass --scale cpu, or run the study at full scale first" in err
+    assert not out.exists()
+    with pytest.raises(UserError, match=r"^`scale` must be cpu or full, got 'gpu'$"):
+        write_report(STUDY, tracking_uri=store["uri"], out_dir=out, scale="gpu")
+    with pytest.raises(UserError, match="pass `tracking_uri`") as e:
+        load_study(STUDY, f"sqlite:///{tmp_path / 'none.db'}")
+    assert "--tracking-uri" not in str(e.value)
+
+
+def test_report_header_names_the_ui_address_and_the_parent_links_the_report(store: dict, report: Path) -> None:
+    text = report.read_text()
+    assert "Links to runs open the MLflow UI at http://127.0.0.1:5000" in text
+    rid = store["runs"][("plain-8", 0)]
+    assert f"[plain-8-s0](http://127.0.0.1:5000/#/experiments/" in text and f"/runs/{rid}?workflowType" in text
+    note = MlflowClient(store["uri"]).get_run(store["parent"]).data.tags["mlflow.note.content"]
+    assert note.endswith(f"/runs/{store['parent']}/artifacts/report/report.html).")
+    assert "](http://127.0.0.1:5000/#/compare-runs?runs=" in note  # the summary sentences, linked

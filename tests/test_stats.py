@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 
 from analysis import findings, stats
 from analysis.anchors import Anchor
+from analysis.numbers import pm
 from analysis.figures import draw_degradation, draw_error_vs_depth, draw_grad_flow, draw_layer_responses
 from analysis.report import write_report
 from analysis.runs import load_study
@@ -104,15 +105,21 @@ def test_the_ci_sentence_is_right_and_flips_with_the_data() -> None:
     # the same means with seed-to-seed swings the interval cannot exclude 0 in: no direction
     noisy = base + [("plain-56", 0, 0.5, 9.0), ("plain-56", 1, 12.0, 9.0), ("plain-56", 2, 6.0, 9.3)]
     (s,) = findings.depth_findings(_runs(noisy))
-    assert s.startswith("plain-56 and plain-20 show no clear difference in training error: +3.93 points (95 % CI -")
+    assert s.startswith("plain-56 and plain-20 show no clear difference in training error: +3.9 points (95 % CI -9.7 "
+                        "to 17.6, 3 seeds")  # one number of decimals for the difference and its interval
     assert "worse" not in s.split(";")[0] and "degradation" not in s
     better = base + [("plain-56", 0, 1.0, 9.0), ("plain-56", 1, 1.4, 9.0), ("plain-56", 2, 1.1, 9.3)]
     (s,) = findings.depth_findings(_runs(better))
-    assert s.startswith("plain-56 trains better than plain-20 by ") and "no degradation" in s
+    # per seed -1.0, -1.1, -1.1: "better by" 1.07 with the interval from the same side, both ends positive
+    assert s.startswith("plain-56 trains better than plain-20 by 1.07 points (95 % CI 0.92 to 1.21, 3 seeds; "
+                        "training error 1.17 % vs 2.23 %)") and "no degradation" in s
     one = [("plain-20", 0, 2.0, 8.0), ("plain-56", 0, 6.0, 9.0)]
     (s,) = findings.depth_findings(_runs(one))
     assert s.startswith("plain-56 trains worse than plain-20 by 4.00 points (one seed, no interval; "
                         "training error 6.00 % vs 2.00 %)")
+    # no "-0.00": a difference that rounds to zero is printed unsigned
+    tiny = [("plain-20", 0, 2.0, 8.0), ("plain-56", 0, 2.0, 8.0001)]
+    assert "-0.00" not in findings.depth_findings(_runs(tiny))[0]
 
 
 def test_plain_minus_resnet_at_each_depth() -> None:
@@ -240,8 +247,10 @@ def test_every_figure_says_its_spread(report: Path) -> None:
 def test_results_csv_equals_the_runs_metrics(store: dict, report: Path) -> None:
     client = MlflowClient(store["uri"])
     res = pd.read_csv(report.parent / "results.csv")
-    assert list(res.columns[:13]) == ["study", "scale", "net", "arch", "depth", "shortcut", "seed", "train_error",
-                                      "test_error", "val_error", "iterations", "minutes", "run_id"]
+    # val_error is left out: no run has a validation split, and a column without a value says nothing
+    assert list(res.columns[:14]) == ["study", "scale", "net", "arch", "depth", "shortcut", "seed", "train_error",
+                                      "test_error", "plateau", "iterations", "minutes", "run_id", "diagnosed"]
+    assert not res.isna().all().any()
     assert len(res) == 6 and sorted(zip(res["net"], res["seed"])) == sorted(store["runs"])
     for row in res.itertuples():
         run = client.get_run(row.run_id)
@@ -250,7 +259,9 @@ def test_results_csv_equals_the_runs_metrics(store: dict, report: Path) -> None:
         assert (row.train_error, row.test_error, row.diag_example_ratio) == \
             (m["train/error"], m["test/error"], m["diag/example_ratio"])
         assert row.iterations == 20 and row.shortcut == run.data.tags["shortcut"]
-        assert row.minutes == pytest.approx((run.info.end_time - run.info.start_time) / 60000)
+        assert row.minutes == round((run.info.end_time - run.info.start_time) / 60000, 2)
+        assert row.plateau == {1.0: "reached", 0.0: "not reached"}[m["final/plateau"]]
+        assert row.diagnosed == "no: not run (run 'resnet-lab diagnose STUDY_FILE')"
     summary = pd.read_csv(report.parent / "summary.csv").set_index("net")
     for model in NETS:
         vals = res.loc[res["net"] == model, "test_error"]
@@ -292,12 +303,12 @@ def test_latex_table_parses_and_compiles(study, report: Path, tmp_path: Path) ->
     rows = _check_latex_structure(tex)
     assert rows[0][:4] == ["Net", "$n$", r"Train error (\%)", r"Test error (\%)"]
     vals = study.runs.loc[study.runs["model"] == "resnet-8", "test_error"]
-    assert rows[2][:2] == ["ResNet-8", "3"] and rows[2][3] == f"${vals.mean():.2f} \\pm {vals.std(ddof=1):.2f}$"
+    assert rows[2][:2] == ["ResNet-8", "3"] and rows[2][3] == f"${pm(vals.mean(), vals.std(ddof=1), 3)}$".replace("±", "\\pm")
     anchor = Anchor(label="He et al. Table 6", source="He et al. (2016) Table 6 & 7, 100% honest_source",
                     test_error={"resnet-8": 9.9})
     with_anchor = latex_table(study, anchor)
     rows = _check_latex_structure(with_anchor)
-    assert rows[0][-1] == r"He et al. Table 6 test error (\%)" and rows[2][-1] == "$9.9$" and rows[1][-1] == "--"
+    assert rows[0][-1] == r"He et al. Table 6 test error (\%)" and rows[2][-1] == "$9.90$" and rows[1][-1] == "--"
     if shutil.which("pdflatex") is None:
         return  # the structure above is what a compile would reject; compiled where LaTeX is installed
     doc = tmp_path / "doc.tex"
@@ -317,5 +328,37 @@ def test_results_frame_has_a_row_per_run_in_report_order(study) -> None:
 def test_report_sentences_use_the_paired_interval(study, report: Path) -> None:
     p = stats.paired(study.runs, "plain-8", "resnet-8", "train_error")
     text = report.read_text()
-    assert p.diff.n == 3 and f"95 % CI {p.diff.low:.2f} to {p.diff.high:.2f}, 3 seeds" in text
+    assert p.diff.n == 3 and findings.interval_text(p.diff, flip=p.diff.clear and p.diff.mean < 0) in text
     assert "At depth 8, plain-8 " in text and "Every net was trained with one seed" not in text
+
+
+def test_every_diagnostic_sentence_carries_the_seed_paired_interval() -> None:
+    """Issue 27: with every seed diagnosed, the curvature's growth with depth and the shattering's fall
+    carry a 3-seed interval of plain minus ResNet, paired by seed, and the verdict reads that interval."""
+    from analysis import diag_findings
+    from analysis.runs import SWEEP, Study
+
+    rows = []
+    for seed in SEEDS:
+        for model, lam in (("plain-8", 10.0), ("plain-32", 40.0 + 5 * seed), ("resnet-8", 10.0), ("resnet-32", 12.0)):
+            rows.append((model, seed, 1.0, 1.0, lam))
+    runs = _runs([r[:4] for r in rows]).assign(diag_curvature_lambda_max=[r[4] for r in rows])
+    out = diag_findings.curvature_findings(runs)
+    growth = out[-1]
+    # plain growth per seed 4.0, 4.5, 5.0; ResNet 1.2 each: differences 2.8, 3.3, 3.8
+    half = T_975[2] * np.std([2.8, 3.3, 3.8], ddof=1) / math.sqrt(3)
+    assert (f"growth ratio, plain minus ResNet seed by seed: +3.30 (95 % CI {3.3 - half:.2f} to {3.3 + half:.2f}, "
+            "3 seeds): consistent with") in growth
+    assert all("95 % CI" in s for s in out)  # the per-depth lambda_max sentences too
+    sweep = pd.DataFrame([{"arch": arch, "depth": d, "seed": seed, "lag": 1,
+                           "rho": 0.9 - (0.02 if arch == "residual" else 0.2 + 0.05 * seed) * (d > 8)}
+                          for arch in ("plain", "residual") for d in (8, 32) for seed in SEEDS])
+    empty = pd.DataFrame()
+    study = Study(name="s", tracking_uri="sqlite:///x.db", experiment_id="1", parent=None, runs=runs, curves=empty,
+                  grad_norms=empty, grad_norm_series=empty, grad_flow=empty, responses=empty,
+                  diagnostics={SWEEP: sweep})
+    (s,) = diag_findings.shattering_findings(study)
+    # falls per seed: plain 0.20, 0.25, 0.30; ResNet 0.02: differences 0.18, 0.23, 0.28
+    half = T_975[2] * np.std([0.18, 0.23, 0.28], ddof=1) / math.sqrt(3)
+    assert f"fall, plain minus ResNet seed by seed: +0.230 (95 % CI {0.23 - half:.3f} to {0.23 + half:.3f}, 3 seeds)" in s
+    assert s.endswith(f"consistent with {diag_findings.PUBLISHED['shattering']}.")

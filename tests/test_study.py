@@ -21,8 +21,10 @@ import torch
 import torchvision
 from mlflow import MlflowClient
 
+from resnet_lab import plateau
 from resnet_lab import study as study_mod
 from resnet_lab.checkpoint import checkpoint_path
+from resnet_lab.diagnostics.settings import NAMES as DIAG_NAMES
 from resnet_lab.cli import main
 from resnet_lab.errors import UserError
 from resnet_lab.study import ensure_data, run_study
@@ -284,6 +286,18 @@ def test_shipped_cpu_scales_train_two_seeds_and_evaluate_six_times() -> None:
         assert len(cpu.seeds) >= 2, path.name
     for run in load_scales(root / "fashion_mnist.toml")["cpu"].runs:
         assert run.cfg.iterations // run.cfg.eval_every >= 6 and run.cfg.test_size is not None
+
+
+def test_the_default_studys_cpu_scale_diagnoses_every_seed_and_judges_every_plateau() -> None:
+    """Issue 27: at the default study's CPU scale the four diagnostics run on every seed of every net
+    (so each "why" gets a 3-seed interval, paired by seed), and every run logs the plateau's curve
+    often enough that the last 20 % of its iterations hold two evaluations (three points for the
+    plateau's fitted line, with the one where the window starts)."""
+    cpu = load_scales(Path(__file__).parent.parent / "experiments" / "fashion_mnist.toml")["cpu"]
+    assert cpu.diagnostics.seeds is None and set(cpu.diagnostics.names) == set(DIAG_NAMES)  # None: every seed
+    assert len(cpu.seeds) >= 3 and {r.cfg.seed for r in cpu.runs} == set(cpu.seeds)
+    for run in cpu.runs:
+        assert run.cfg.plateau_images > 0 and run.cfg.iterations * plateau.WINDOW >= 2 * run.cfg.eval_every
 
 
 # ---------------------------------------------------------------- running
