@@ -401,8 +401,9 @@ def test_system_metrics_are_logged_by_mlflows_monitor(tracking_uri: str, monkeyp
 
 def test_train_ends_its_bar_with_one_final_value_and_says_how_to_open_the_run(
         tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """Issue 24: every drawing of the bar at 100 % shows the same final loss, error and images/s (it
-    showed the previous window's, then the last one's), and the last line says how to open the run."""
+    """Issue 24: every drawing of the bar at 100 % (tqdm draws it at the last update and at close) shows
+    the same final loss, error and images/s (it showed the previous window's, then the last one's),
+    and the last line says how to open the run."""
     import re
 
     code = main(["train", "--model", "resnet-8", "--dataset", "synthetic", "--iterations", "10", "--device", "cpu",
@@ -411,6 +412,6 @@ def test_train_ends_its_bar_with_one_final_value_and_says_how_to_open_the_run(
     out, err = capsys.readouterr()
     assert code == 0
     finals = {m.group(0) for line in re.split(r"[\r\n]", err) if "100%" in line
-              for m in [re.search(r"loss=\S+, err=\S+, img_s=\d+", line)] if m}
+              for m in [re.search(r"err=\S+, img_s=\d+, loss=\S+", line)] if m}
     assert len(finals) == 1, finals
     assert out.splitlines()[-1] == f"open it: resnet-lab ui bar --tracking-uri {tracking_uri}"
