@@ -16,10 +16,15 @@ from pathlib import Path
 import torch
 
 from resnet_lab.checkpoint import TrainState
+from resnet_lab.config import TrainConfig
+from resnet_lab.speed import Speed
 from resnet_lab.train import train_step
 
 
-lab_step = train_step  # the training loop's own step (resnet_lab.train.train_step)
+def lab_step(model: torch.nn.Module, state: TrainState, cfg: TrainConfig, batch: tuple[torch.Tensor, torch.Tensor],
+             speed: Speed) -> float:
+    """The training loop's own step (``resnet_lab.train.train_step``) for one net: a group of one."""
+    return train_step(model, [state], cfg, [batch], speed)
 
 
 def log_point(state: TrainState) -> None:

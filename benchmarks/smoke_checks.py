@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from resnet_lab.config import TrainConfig
 from resnet_lab.probes import SUMMARY_PREFIX
-from resnet_lab.train import _start, prepare, train_step
+from resnet_lab.train import prepare, start, train_step
 
 STEPS = 35
 
@@ -42,14 +42,15 @@ def no_sync(device: str, depth: int) -> str:
     cfg = TrainConfig(model=f"resnet-{depth}", dataset="synthetic", iterations=STEPS, device=device, progress=False,
                       checkpoint_every=0, batch_size=128 if device == "cuda" else 32)
     setup = prepare(cfg)
-    state, step_model, _ = _start(setup)
+    group = start([setup])
+    state = group.states[0]
     batches = state.loader.batches()
     cuda = setup.device.type == "cuda"
     if cuda:
         torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(STEPS):
-            train_step(step_model, state, setup.cfg, next(batches), setup.speed)
+            train_step(group.model, [state], setup.cfg, [next(batches)], setup.speed)
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode(0)

@@ -7,7 +7,7 @@
   with every ``--ref-workers`` count and the fastest is the reference, so it is not
   handicapped by a worker count that suits another machine.
 * lab: ``resnet_lab.data.DeviceLoader`` (uint8 split on the device, one-gather crop+flip),
-  ``resnet_lab.models.build_model`` and the step of ``resnet_lab.train._loop``
+  ``resnet_lab.models.build_model`` and the step of ``resnet_lab.train._loop`` (``train_step``)
   (``bench_common.lab_step``) with the default probes (weight-grad norms every step) and
   the loss/grad-norm read-back every 100 steps. One lab loop per variant: each of
   ``--precisions`` (fp32, bf16 autocast) x ``--formats`` (contiguous, channels_last), eager,

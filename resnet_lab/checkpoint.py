@@ -72,6 +72,16 @@ class TrainState:
                 "window_iters": self.window_iters, "last": dict(self.last), "rng": torch.get_rng_state(),
                 "cuda_rng": _own_cuda_rng(self.window.device)}
 
+    def end_window(self, lr: float, seconds: float) -> list[tuple[str, float, int]]:
+        """Close the log window: its mean train loss, error %, lr and images/s as metric points at the
+        current iteration. The window's sums are read back here, once per window."""
+        examples = self.window_iters * self.loader.batch_size
+        loss_sum, errors = self.window.tolist()  # the one host read per log window
+        self.window.zero_()
+        self.window_iters = 0
+        return [("train/loss", loss_sum / examples, self.iteration), ("train/error", 100.0 * errors / examples,
+                self.iteration), ("lr", lr, self.iteration), ("perf/images_per_s", examples / seconds, self.iteration)]
+
     def restore(self, saved: dict[str, Any]) -> None:
         """Put back every piece of a ``capture()`` (loaded on the CPU: each piece is copied to the device)."""
         self.model.load_state_dict(saved["model"])

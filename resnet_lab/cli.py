@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     print(f"run {result.run_id} finished: {result.iterations} iterations, train error {m.get('train/error', float('nan')):.2f} %, "
           f"test error {m.get('test/error', float('nan')):.2f} %")
+    store = f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
+    print(f"open it: resnet-lab ui {cfg.experiment}{store}")
     return 0
 
 

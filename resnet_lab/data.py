@@ -306,9 +306,10 @@ def check_sizes(full_train: int, *, val_size: int = 0, train_size: int | None = 
                 batch_size: int | None = None, full_test: int | None = None, test_size: int | None = None) -> int:
     """The training examples left of ``full_train`` after ``val_size`` and the ``train_size`` subset.
 
-    The one place split and batch sizes are checked (loading, the train loader, ``train``'s
-    preparation and a study's plan call it): a UserError when a split would be empty or
-    larger than what is there, or one batch would not fit.
+    The one rule for split and batch sizes, asked where a config meets its data: ``load_dataset``
+    (a run's data) and a study's ``ensure_data`` (before any run exists); everything after trusts
+    it. A UserError when a split would be empty or larger than what is there, or one batch would
+    not fit.
     """
     if val_size < 0 or (train_size is not None and train_size <= 0):
         raise UserError(f"val_size must be >= 0 and train_size > 0 (got {val_size}, {train_size})")
@@ -330,8 +331,9 @@ def check_sizes(full_train: int, *, val_size: int = 0, train_size: int | None = 
 
 
 def split_indices(n: int, *, val_size: int, seed: int, train_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices into n examples: one seeded permutation, val first, sorted back to file order."""
-    examples = check_sizes(n, val_size=val_size, train_size=train_size)
+    """(train, val) indices into n examples: one seeded permutation, val first, sorted back to file order.
+    The sizes have passed ``check_sizes``."""
+    examples = n - val_size if train_size is None else train_size
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, SPLIT_STREAM)))
     val, train = perm[:val_size], perm[val_size:]
     return train[:examples].sort().values, val.sort().values
@@ -339,8 +341,8 @@ def split_indices(n: int, *, val_size: int, seed: int, train_size: int | None) -
 
 def test_subset(test: Split, test_size: int | None) -> Split:
     """The first ``test_size`` images of one fixed permutation of the test set (all of it for None):
-    the same images whatever the run's seed, sorted back to file order."""
-    check_sizes(1, full_test=len(test), test_size=test_size)
+    the same images whatever the run's seed, sorted back to file order. ``test_size`` has passed
+    ``check_sizes``."""
     if test_size is None:
         return test
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(derive_seed(0, TEST_SUBSET_STREAM)))
@@ -382,9 +384,11 @@ def _resize(split: Split, size: int) -> Split:
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, data_root: str | Path = "data",
                  val_size: int = 0, seed: int = 0, resize: int | None = None,
-                 train_size: int | None = None, test_size: int | None = None, download: bool = True) -> Dataset:
-    """Load a whole dataset as uint8 tensors, carve val/subset by `seed` (the test subset, if any, is
-    the same for every seed), resize, compute stats."""
+                 train_size: int | None = None, test_size: int | None = None, batch_size: int | None = None,
+                 download: bool = True) -> Dataset:
+    """Load a whole dataset as uint8 tensors, check the sizes asked for against it (one batch of
+    ``batch_size`` must fit), carve val/subset by `seed` (the test subset, if any, is the same for
+    every seed), resize, compute stats."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if resize is not None and resize <= 0:
@@ -394,6 +398,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, data_root: st
         source = "synthetic"
     else:
         full, test, source = _locate(name, data_dir, Path(data_root), download)
+    check_sizes(len(full), val_size=val_size, train_size=train_size, batch_size=batch_size, full_test=len(test),
+                test_size=test_size)
     train_idx, val_idx = split_indices(len(full), val_size=val_size, seed=seed, train_size=train_size)
     train = Split(full.images[train_idx], full.labels[train_idx])
     test = test_subset(test, test_size)
@@ -423,18 +429,16 @@ class DeviceLoader:
     epoch's permutation from (seed, epoch) and a batch's crops/flips from (seed, epoch,
     batch). So the state is just (epoch, batch) and a resumed run replays the same batches.
     Train loaders shuffle and drop the last partial batch; eval loaders go in order and keep it.
+    Sizes are trusted (``check_sizes`` passed where the data was loaded); a train split smaller
+    than one batch has no batches, which ``batches()`` says.
     """
 
     def __init__(self, split: Split, *, batch_size: int, device: torch.device | str,
                  mean: tuple[float, ...], std: tuple[float, ...], train: bool,
                  augment: bool = True, seed: int = 0, pad: int = 4) -> None:
         channels = split.images.shape[1]
-        if batch_size <= 0 or pad < 0:
-            raise UserError(f"batch size must be positive and pad >= 0 (got {batch_size}, {pad})")
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean/std need {channels} values, got {len(mean)}/{len(std)}")
-        if train:  # it drops the last partial batch, so a split smaller than one batch gives none
-            check_sizes(len(split), batch_size=batch_size)
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device, torch.int64)

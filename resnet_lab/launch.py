@@ -1,11 +1,13 @@
 """How a study's runs are executed: inline, in spawned worker processes, as Ray tasks, or as a
 submitit job array (SLURM).
 
-Each launcher hands every run to ``train_run``, which trains it (``train.train``) and turns
-whatever happened into an ``Outcome``; the outcome goes to ``on_done`` in the parent process,
-which does all study bookkeeping. The MLflow store, experiment and parent run already exist
-when a launcher starts (created once in the parent: concurrent first writers would race on
-the SQLite schema).
+The unit a launcher runs is a group of runs (``study.group_runs``: runs of one shape and recipe,
+trained as one fused model; a group of one is a run trained alone): a worker process or a Ray
+task trains one group. Each launcher hands every group to ``train_runs``, which trains it
+(``train.train_group``) and turns whatever happened into one ``Outcome`` per run; the outcomes go
+to ``on_done`` in the parent process, which does all study bookkeeping. The MLflow store,
+experiment and parent run already exist when a launcher starts (created once in the parent:
+concurrent first writers would race on the SQLite schema).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .config import TrainConfig
 from .errors import UserError
 from .models import parse_model_name
 from .studyfile import StudyRun
-from .train import train
+from .train import train_group
 
 
 @dataclass
@@ -48,26 +50,29 @@ class Outcome:
 
 
 OnDone = Callable[[Outcome], None]
+Group = list[StudyRun]  # runs trained together as one fused model (one run: alone)
 
 
-def train_run(run: StudyRun, cfg: TrainConfig, parent_id: str, tags: dict[str, str], *,
-              interrupted: str | None = None) -> Outcome:
-    """Train ``run`` with ``cfg`` (its config, placed on a device) as a child of ``parent_id``;
-    any exception becomes a FAILED outcome, so one failing run never stops the others.
+def train_runs(group: Group, cfgs: list[TrainConfig], parent_id: str, tags: dict[str, str], *,
+               interrupted: str | None = None) -> list[Outcome]:
+    """Train the runs of ``group`` with ``cfgs`` (their configs, placed on a device) as children of
+    ``parent_id``, as one group; any exception becomes a FAILED outcome of each of its runs, so one
+    failing group never stops the others.
 
     ``interrupted`` is how a Ctrl-C / cancellation is reported (workers and Ray tasks: their
-    run ends KILLED); None lets it through (inline: Ctrl-C stops the whole study).
+    runs end KILLED); None lets it through (inline: Ctrl-C stops the whole study).
     """
     t0 = time.perf_counter()
     try:
-        r = train(cfg, parent_run_id=parent_id, extra_tags=tags)
-        return Outcome(run, r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0)
+        results = train_group(cfgs, parent_run_id=parent_id, extra_tags=tags)
+        return [Outcome(run, r.status, r.run_id, r.metrics, r.reason, time.perf_counter() - t0)
+                for run, r in zip(group, results)]
     except KeyboardInterrupt:
         if interrupted is None:
             raise
-        return Outcome(run, "KILLED", None, {}, interrupted, time.perf_counter() - t0)
-    except Exception as e:  # noqa: BLE001 - any failure of one run: record it, go on with the next
-        return Outcome(run, "FAILED", None, {}, _reason(e), time.perf_counter() - t0)
+        return [Outcome(run, "KILLED", None, {}, interrupted, time.perf_counter() - t0) for run in group]
+    except Exception as e:  # noqa: BLE001 - any failure of one group: record it, go on with the next
+        return [Outcome(run, "FAILED", None, {}, _reason(e), time.perf_counter() - t0) for run in group]
 
 
 def _reason(e: BaseException) -> str:
@@ -105,10 +110,13 @@ class Reporter:
         else:
             self.bar.write(text, file=sys.stdout)
 
-    def started(self, run: StudyRun, where: str, verb: str = "started on") -> None:
-        self.started_at[run.index] = time.perf_counter()
-        note = self.notes.get(run.index)
-        self.line(f"[{run.index}/{self.total}] {run.name} {verb} {where}{f'; {note}' if note else ''}")
+    def started(self, group: Group, where: str, verb: str = "started on") -> None:
+        """A line per run of ``group``, each naming the runs it is fused with."""
+        for run in group:
+            self.started_at[run.index] = time.perf_counter()
+            notes = [f"fused with {', '.join(r.name for r in group if r is not run)}"] if len(group) > 1 else []
+            notes += [self.notes[run.index]] if run.index in self.notes else []
+            self.line(f"[{run.index}/{self.total}] {run.name} {verb} {where}{''.join(f'; {n}' for n in notes)}")
 
     def done(self, run: StudyRun, text: str) -> None:
         """``run`` ended (finished, failed or killed): report it, advance the bar and the ETA."""
@@ -145,12 +153,13 @@ class Reporter:
 
 # ---------------------------------------------------------------- inline (--jobs 1)
 
-def run_inline(runs: list[StudyRun], parent_id: str, tags: dict[str, str], reporter: Reporter,
+def run_inline(groups: list[Group], parent_id: str, tags: dict[str, str], reporter: Reporter,
                on_done: OnDone, device: str) -> None:
-    """One run after another in this process (per-run progress bars stay on)."""
-    for run in runs:
-        reporter.started(run, device)
-        on_done(train_run(run, dataclasses.replace(run.cfg, device=device), parent_id, tags))
+    """One group after another in this process (per-group progress bars stay on)."""
+    for group in groups:
+        reporter.started(group, device)
+        for outcome in train_runs(group, [dataclasses.replace(r.cfg, device=device) for r in group], parent_id, tags):
+            on_done(outcome)
 
 
 # ---------------------------------------------------------------- worker processes (--jobs N)
@@ -169,45 +178,46 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
 
-def _worker(conn: Any, run: StudyRun, cfg: TrainConfig, parent_id: str, tags: dict[str, str],
+def _worker(conn: Any, group: Group, cfgs: list[TrainConfig], parent_id: str, tags: dict[str, str],
             threads: int | None) -> None:
-    """Entry point of a spawned worker: train one run, send back its outcome."""
+    """Entry point of a spawned worker: train one group, send back its outcomes."""
     _watch_parent()
     if threads:
         torch.set_num_threads(threads)
     try:
-        conn.send(train_run(run, cfg, parent_id, tags, interrupted="interrupted (Ctrl-C)"))
+        conn.send(train_runs(group, cfgs, parent_id, tags, interrupted="interrupted (Ctrl-C)"))
     finally:
         conn.close()
 
 
 @dataclass
 class _Worker:
-    """A spawned process training one run, and its end of the pipe the outcome comes back on."""
+    """A spawned process training one group, and its end of the pipe the outcomes come back on."""
 
-    run: StudyRun
+    group: Group
     proc: Any  # multiprocessing.Process
     conn: Any  # multiprocessing.connection.Connection
     device: str
     started: float
-    outcome: Outcome | None = None
+    outcomes: list[Outcome] | None = None
     listening: bool = True  # False once the outcome came, or the pipe closed without one (the process died)
 
     def receive(self) -> None:
         try:
-            self.outcome = self.conn.recv()
+            self.outcomes = self.conn.recv()
         except (EOFError, OSError):
             pass
         self.listening = False
 
-    def ended(self) -> Outcome:
-        """Its outcome once the process exited; a FAILED one when it died without sending any."""
+    def ended(self) -> list[Outcome]:
+        """Its outcomes once the process exited; FAILED ones when it died without sending any."""
         self.proc.join()
         if self.listening and self.conn.poll():
             self.receive()
         self.conn.close()
-        return self.outcome or Outcome(self.run, "FAILED", None, {}, f"worker process died with exit code "
-                                       f"{self.proc.exitcode}", time.perf_counter() - self.started)
+        return self.outcomes or [Outcome(run, "FAILED", None, {}, f"worker process died with exit code "
+                                         f"{self.proc.exitcode}", time.perf_counter() - self.started)
+                                 for run in self.group]
 
 
 def cpu_count() -> int:
@@ -217,12 +227,12 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def run_processes(runs: list[StudyRun], parent_id: str, tags: dict[str, str], reporter: Reporter,
+def run_processes(groups: list[Group], parent_id: str, tags: dict[str, str], reporter: Reporter,
                   on_done: OnDone, jobs: int, devices: list[str]) -> None:
-    """Up to ``jobs`` runs at once, each in its own spawned process, spread over ``devices``
+    """Up to ``jobs`` groups at once, each in its own spawned process, spread over ``devices``
     (least busy first). CPU workers split the cores between them."""
     ctx = multiprocessing.get_context("spawn")
-    pending = deque(runs)
+    pending = deque(groups)
     active: dict[Any, _Worker] = {}  # process sentinel -> worker
     busy = {d: 0 for d in devices}
     threads = max(1, cpu_count() // jobs)
@@ -233,7 +243,7 @@ def run_processes(runs: list[StudyRun], parent_id: str, tags: dict[str, str], re
                 busy[device] += 1
                 worker = _start_worker(ctx, pending.popleft(), device, parent_id, tags, threads)
                 active[worker.proc.sentinel] = worker
-                reporter.started(worker.run, f"{device} (pid {worker.proc.pid})")
+                reporter.started(worker.group, f"{device} (pid {worker.proc.pid})")
             ready = multiprocessing.connection.wait(list(active) + [w.conn for w in active.values() if w.listening])
             for worker in active.values():
                 if worker.listening and worker.conn in ready:
@@ -241,7 +251,8 @@ def run_processes(runs: list[StudyRun], parent_id: str, tags: dict[str, str], re
             for sentinel in [s for s, w in active.items() if not w.proc.is_alive()]:
                 worker = active.pop(sentinel)
                 busy[worker.device] -= 1
-                on_done(worker.ended())
+                for outcome in worker.ended():
+                    on_done(outcome)
     except KeyboardInterrupt:
         # Ctrl-C reached the workers too (same process group): give them time to mark their runs KILLED.
         for worker in active.values():
@@ -251,17 +262,17 @@ def run_processes(runs: list[StudyRun], parent_id: str, tags: dict[str, str], re
         raise
 
 
-def _start_worker(ctx: Any, run: StudyRun, device: str, parent_id: str, tags: dict[str, str],
+def _start_worker(ctx: Any, group: Group, device: str, parent_id: str, tags: dict[str, str],
                   threads: int) -> _Worker:
     recv, send = ctx.Pipe(duplex=False)
     own_device, env = gpu_of_worker(device)
-    cfg = dataclasses.replace(run.cfg, device=own_device, progress=False)
-    proc = ctx.Process(target=_worker, name=f"study-{run.name}", daemon=True,
-                       args=(send, run, cfg, parent_id, tags, threads if device == "cpu" else None))
+    cfgs = [dataclasses.replace(run.cfg, device=own_device, progress=False) for run in group]
+    proc = ctx.Process(target=_worker, name=f"study-{group[0].name}", daemon=True,
+                       args=(send, group, cfgs, parent_id, tags, threads if device == "cpu" else None))
     with _environ(env):  # a spawned process starts with this process's environment
         proc.start()
     send.close()
-    return _Worker(run, proc, recv, device, time.perf_counter())
+    return _Worker(group, proc, recv, device, time.perf_counter())
 
 
 def gpu_of_worker(device: str) -> tuple[str, dict[str, str]]:
@@ -294,13 +305,15 @@ def _environ(changes: dict[str, str]) -> Iterator[None]:
 
 # ---------------------------------------------------------------- Ray (--launcher ray)
 
-def _ray_task(run: StudyRun, parent_id: str, tags: dict[str, str]) -> Outcome:
-    """One training as a Ray task (runs on whichever node Ray picks)."""
-    return train_run(run, run.cfg, parent_id, tags, interrupted="interrupted (Ray task cancelled)")
+def _ray_task(group: Group, parent_id: str, tags: dict[str, str]) -> list[Outcome]:
+    """One group's training as a Ray task (runs on whichever node Ray picks)."""
+    return train_runs(group, [run.cfg for run in group], parent_id, tags,
+                      interrupted="interrupted (Ray task cancelled)")
 
 
 class RayLauncher:
-    """Each run is a Ray task asking for ``gpus_per_run`` GPUs (``num_cpus=1`` on a CPU-only cluster).
+    """Each group of runs is a Ray task asking for ``gpus_per_run`` GPUs (``num_cpus=1`` on a CPU-only
+    cluster): a fused group shares its task's GPU, as its nets share one model.
 
     The nodes need this project installed (``pip install '.[ray]'``) and must reach the MLflow
     tracking URI: use a tracking server (``--tracking-uri http://host:5000``) on a real cluster.
@@ -347,33 +360,35 @@ class RayLauncher:
         if self.started_here and self.ray.is_initialized():
             self.ray.shutdown()
 
-    def run(self, runs: list[StudyRun], parent_id: str, tags: dict[str, str], reporter: Reporter,
+    def run(self, groups: list[Group], parent_id: str, tags: dict[str, str], reporter: Reporter,
             on_done: OnDone, max_in_flight: int | None = None) -> None:
         ray = self.ray
         remote = ray.remote(_ray_task)
         opts = {"num_gpus": self.gpus_per_run} if self.gpus else {"num_cpus": 1}
-        pending = deque(runs)
-        in_flight: dict[Any, tuple[StudyRun, float]] = {}
+        pending = deque(groups)
+        in_flight: dict[Any, tuple[Group, float]] = {}
         try:
             while pending or in_flight:
                 while pending and (max_in_flight is None or len(in_flight) < max_in_flight):
-                    run = pending.popleft()
-                    task = remote.options(**opts, max_retries=0, name=f"train {run.name}")
-                    ref = task.remote(run, parent_id, tags)
-                    in_flight[ref] = (run, time.perf_counter())
-                    reporter.started(run, "Ray", verb="submitted to")
+                    group = pending.popleft()
+                    task = remote.options(**opts, max_retries=0, name=f"train {' '.join(r.name for r in group)}")
+                    ref = task.remote(group, parent_id, tags)
+                    in_flight[ref] = (group, time.perf_counter())
+                    reporter.started(group, "Ray", verb="submitted to")
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
-                    run, t0 = in_flight.pop(ref)
+                    group, t0 = in_flight.pop(ref)
                     try:
-                        outcome = ray.get(ref)
-                    except Exception as e:  # noqa: BLE001 - the worker died or Ray failed: the run failed
+                        outcomes = ray.get(ref)
+                    except Exception as e:  # noqa: BLE001 - the worker died or Ray failed: its runs failed
                         cause = getattr(e, "cause", None) or e
-                        outcome = Outcome(run, "FAILED", None, {}, _reason(cause), time.perf_counter() - t0)
-                    on_done(outcome)
+                        outcomes = [Outcome(run, "FAILED", None, {}, _reason(cause), time.perf_counter() - t0)
+                                    for run in group]
+                    for outcome in outcomes:
+                        on_done(outcome)
         except KeyboardInterrupt:
             for ref in in_flight:
-                ray.cancel(ref)  # KeyboardInterrupt in the task: train marks its run KILLED
+                ray.cancel(ref)  # KeyboardInterrupt in the task: train_group marks its runs KILLED
             raise
 
 
@@ -389,7 +404,8 @@ class TrainTask:
     def __call__(self) -> Any:
         if self.requeued:
             self._settle_unresumable()
-        return train_run(self.run, self.run.cfg, self.parent_id, self.tags, interrupted="interrupted (job cancelled)")
+        return train_runs([self.run], [self.run.cfg], self.parent_id, self.tags,
+                          interrupted="interrupted (job cancelled)")[0]
 
     def checkpoint(self) -> Any:
         """submitit's hook on preemption or time limit: resubmit this task as it is. The rerun resumes
@@ -466,7 +482,7 @@ class SubmititLauncher:
         self.jobs = futures
         submitted(self.jobs, runs)
         for run, job in zip(runs, futures):
-            reporter.started(run, f"{self.cluster} job {job.job_id}", verb="submitted as")
+            reporter.started([run], f"{self.cluster} job {job.job_id}", verb="submitted as")
         if not self.wait:
             return [j.job_id for j in futures]
         started = time.perf_counter()

@@ -251,10 +251,11 @@ class ResNet(nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool + fc in fp32 even under bf16 autocast: bf16 logits (8 bits of mantissa) tie or swap
-        the argmax on ~0.5 % of rows, which would count errors wrongly (issue 15); the head is tiny."""
+        """Pool + fc in the weights' dtype (fp32) even under bf16 autocast: bf16 logits (8 bits of
+        mantissa) tie or swap the argmax on ~0.5 % of rows, which would count errors wrongly (issue 15);
+        the head is tiny. (A net cast to float64, as in the fusion tests, computes it in float64.)"""
         with torch.autocast(x.device.type, enabled=False):
-            return self.fc(torch.flatten(self.pool(x.float()), 1))
+            return self.fc(torch.flatten(self.pool(x.to(self.fc.weight.dtype)), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -2,7 +2,7 @@
 as one job array, one task per run. This module holds the settings (the ``[slurm]`` table and the
 flags) and the rules about the cluster; the launcher itself is ``launch.SubmititLauncher``.
 
-Each task is a ``launch.TrainTask``: it trains its run with ``launch.train_run`` like any other launcher,
+Each task is a ``launch.TrainTask``: it trains its run with ``launch.train_runs`` like any other launcher,
 and its ``checkpoint()`` (submitit's hook, called when SLURM preempts the task or its time limit
 nears) resubmits the same task. The requeued task finds the run's last checkpoint and continues
 the same MLflow run from it (``train.train``), so a run is never trained twice; what was trained

@@ -1,4 +1,5 @@
-"""How a run's step goes fast on the device at hand: precision, memory layout, torch.compile, SGD form.
+"""How a run's step goes fast on the device at hand: precision, memory layout, torch.compile, SGD form,
+fusion.
 
 ``plan`` decides them once per run (``train.prepare``); the training step, the optimiser,
 evaluation and the run's tags all read its answer, so a run never mixes precisions or layouts.
@@ -26,6 +27,7 @@ from torch import nn
 from .errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+FUSE_CHOICES = ("auto", "on", "off")
 # "reduce-overhead": inductor plus CUDA graphs over the step (one graph launch instead of ~25 kernel
 # launches per block); "auto": reduce-overhead on CUDA, default elsewhere (CUDA graphs are CUDA only).
 COMPILE_MODES = ("auto", "default", "reduce-overhead")
@@ -152,6 +154,34 @@ def choose_compile(device: torch.device, asked: bool | None, iterations: int) ->
     if device.type == "cuda":
         return iterations >= COMPILE_AFTER_ITERATIONS_CUDA
     return device.type == "cpu" and iterations >= COMPILE_AFTER_ITERATIONS_CPU and cxx_missing() is None
+
+
+def choose_fuse(device: torch.device, asked: str, nets: int, threads: int | None = None) -> bool:
+    """Train a group of ``nets`` nets of one shape (``resnet_lab.fused.fusion_key``) as one fused model?
+
+    ``on``/``off`` force it (a single net is never fused: there is nothing to fuse it with).
+    ``auto`` fuses where fusing was measured faster (docs/benchmarks.md, "Fused training (issue 26)"):
+
+    * CPU with 2+ intra-op ``threads`` (default: torch's current count): faster. K times fewer,
+      K times larger ops mean K times fewer parallel regions to synchronise; the default study's
+      training ran 2.6x faster fused on a shared 2-core AMD EPYC, and issue 26's quiet 2-core Xeon
+      micro-benchmark gave 1.1-1.25x in fp32.
+    * CPU with 1 thread (e.g. ``--jobs 2`` on 2 cores): slower, 0.86x on the same machine: with no
+      parallel region to save, the K times larger activations only cost cache. Not fused.
+    * CUDA: not measured here (no GPU lent). Fused, on HFTA's evidence (Wang et al., MLSys 2021:
+      several times the throughput for small CNNs on V100/A100) and issue 26's reading that a
+      ResNet-20 step leaves a GPU launch-bound. ``benchmarks/fused_speed.py --device cuda`` is the
+      measurement that should confirm or flip this.
+
+    Fusion is exact either way (tests/test_fused.py), so a wrong guess costs speed, never results.
+    """
+    if nets < 2 or asked == "off":
+        return False
+    if asked == "on":
+        return True
+    if device.type == "cpu":
+        return (torch.get_num_threads() if threads is None else threads) >= 2
+    return device.type == "cuda"
 
 
 def choose_compile_mode(device: torch.device, asked: str) -> str:

@@ -4,8 +4,9 @@ child run under one parent run per study and scale.
 The order matters for "bad input leaves no trace": validate the file and the options, make
 sure the data is there, and only then create the MLflow store, experiment and parent run,
 once, in this process (concurrent first writers would race on the SQLite schema). Then skip
-children already FINISHED with the same ``config_hash``, and train the rest inline, in worker
-processes (``--jobs``) or as Ray tasks; ``train`` resumes a run from its checkpoint by itself.
+children already FINISHED with the same ``config_hash``, group the rest by shape (``group_runs``:
+each group trained as one fused model), and train the groups inline, in worker processes
+(``--jobs``) or as Ray tasks; ``train_group`` resumes each run from its checkpoint by itself.
 The study file format is in ``resnet_lab.studyfile``; how runs are launched in ``resnet_lab.launch``.
 """
 
@@ -26,7 +27,10 @@ from .data import check_sizes, load_dataset
 from .device import accelerator, auto_scale, visible_gpus
 from .devicecheck import check_device
 from .errors import UserError
-from .launch import Outcome, Reporter
+from .fused import fusion_key
+from .launch import Group, Outcome, Reporter
+from .models import build_model
+from .speed import FUSE_CHOICES, choose_fuse
 from .studyfile import SCALES, Study, StudyRun, load_scales, load_study  # noqa: F401 - load_study re-exported
 from .tracking import (RunTracker, absolute_uri, connect, describe_study, display_uri, get_or_create_experiment,
                        is_server, resolve_tracking_uri, search_all_runs)
@@ -124,6 +128,7 @@ class Plan:
     done: dict[int, Any]  # run index -> its FINISHED MLflow run
     resume: dict[int, str]  # run index -> "resuming run <id> from iteration <n>"
     killed: list[str]  # run ids left RUNNING by a dead study process, now marked KILLED
+    start: dict[int, int] = dataclasses.field(default_factory=dict)  # run index -> its checkpoint's iteration
 
 
 def _checkpointed_run(cfg: TrainConfig) -> tuple[str, int] | None:
@@ -156,6 +161,8 @@ def plan_runs(client: Any, experiment_id: str, study: Study) -> Plan:
         ckpt = _checkpointed_run(sr.cfg)
         if ckpt and any(r.info.run_id == ckpt[0] for r in runs):
             plan.resume[sr.index] = f"resuming run {ckpt[0]} from its checkpoint at iteration {ckpt[1]}"
+        if ckpt:
+            plan.start[sr.index] = ckpt[1]  # train_group resumes from it whether or not its run is still there
         for r in runs:
             if r.info.status == "RUNNING" and (ckpt is None or r.info.run_id != ckpt[0]):
                 client.set_tag(r.info.run_id, "failure_reason",
@@ -176,6 +183,48 @@ def settle_failed(client: Any, experiment_id: str, study: Study, run: StudyRun, 
             client.set_tag(r.info.run_id, "failure_reason", reason[:5000])
             client.set_terminated(r.info.run_id, "FAILED")
     return runs[0].info.run_id if runs else None
+
+
+# ---------------------------------------------------------------- fusion
+
+def group_runs(runs: list[StudyRun], start: dict[int, int], fuse: str, device: str,
+               threads: int | None = None) -> list[Group]:
+    """The runs to train, in groups that each train as one fused model (a group of one trains alone),
+    in the order of each group's first run.
+
+    Runs are grouped when one loop and one ``FusedResNet`` can train them: the same config apart
+    from model, seed and run name (recipe, schedule, data, device: ``_recipe``), one
+    ``fused.fusion_key`` (same shape; plain and residual nets of option A together), and the same
+    starting iteration (``start``: each run's checkpoint, 0 without one). So finished runs are never
+    in a group (``plan_runs`` skipped them), and a group interrupted at different points, or partly
+    retrained, is regrouped by where each run stands: runs resuming from one iteration train
+    together, a run standing alone trains alone. ``speed.choose_fuse`` says whether a group of its
+    size is fused on ``device`` with ``threads`` CPU threads per training (``fuse``: auto, on or
+    off); if not, its runs train one by one.
+    """
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        key = fusable_shape(run.cfg)
+        if key is None:
+            groups[("alone", run.index)] = [run]
+        else:
+            groups.setdefault((key, _recipe(run.cfg), start.get(run.index, 0)), []).append(run)
+    out: list[Group] = []
+    for group in groups.values():
+        out += [group] if choose_fuse(torch.device(device), fuse, len(group), threads) else [[run] for run in group]
+    return sorted(out, key=lambda g: g[0].index)
+
+
+def fusable_shape(cfg: TrainConfig) -> tuple | None:
+    """``fused.fusion_key`` of the net ``cfg`` builds (on the meta device: no memory, no init cost);
+    the data's channels and classes are the same for runs of one ``_recipe`` (same dataset)."""
+    with torch.device("meta"):
+        return fusion_key(build_model(cfg.model, shortcut=cfg.shortcut, zero_init_residual=cfg.zero_init_residual))
+
+
+def _recipe(cfg: TrainConfig) -> str:
+    """Everything a group shares: the whole config but the net (model), its seed and its name."""
+    return TrainConfig.to_json(dataclasses.replace(cfg, model="resnet-8", seed=0, run_name=None))
 
 
 # ---------------------------------------------------------------- running
@@ -226,8 +275,10 @@ def parse_devices(text: str | None) -> list[str] | None:
 
 
 def _check_options(scale: str, jobs: int | None, devices: str | None, launcher: str, address: str | None,
-                   gpus_per_run: float | None, cluster: str | None = None) -> float:
+                   gpus_per_run: float | None, cluster: str | None = None, fuse: str | None = None) -> float:
     """The study command's options, each against the others; returns the GPUs per Ray run."""
+    if fuse is not None and fuse not in FUSE_CHOICES:
+        raise UserError(f"--fuse must be auto, on or off, got {fuse!r}")
     if scale not in ("auto", *SCALES):
         raise UserError(f"--scale must be auto, cpu or full, got {scale!r}")
     if launcher not in ("local", "ray", "submitit"):
@@ -259,8 +310,11 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
               launcher: str = "local", address: str | None = None, gpus_per_run: float | None = None,
               tracking_uri: str | None = None, progress: bool = True, dry_run: bool = False,
               cluster: str | None = None, slurm_flags: dict[str, Any] | None = None,
-              wait: bool = True) -> StudyResult | None:
+              wait: bool = True, fuse: str | None = None) -> StudyResult | None:
     """Validate, get the data, open the parent run, train what is not done yet, report.
+
+    ``fuse`` (auto, on, off; default the study file's ``fuse``, else auto): train the runs that share
+    a shape as one fused model each (``group_runs``).
 
     Every UserError (bad file, bad option, missing data, unreachable store) is raised before
     the MLflow store, experiment or parent run is created. ``launcher="submitit"`` submits the
@@ -269,7 +323,7 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
     """
     if launcher == "submitit":
         cluster = cluster or "slurm"
-    gpus_per_run = _check_options(scale, jobs, devices, launcher, address, gpus_per_run, cluster)
+    gpus_per_run = _check_options(scale, jobs, devices, launcher, address, gpus_per_run, cluster, fuse)
     scales = load_scales(path)  # validates both scales
     uri = absolute_uri(resolve_tracking_uri(tracking_uri))
     if launcher == "submitit":
@@ -297,7 +351,7 @@ def run_study(path: str | Path, *, scale: str = "auto", jobs: int | None = None,
         ensure_data(study)
         if ray_pool is None and default_device != "cpu":
             check_device(device_list[0])  # a device that computes wrong gradients trains nothing (one line, exit 2)
-        return _train_study(study, uri, jobs, device_list, ray_pool, progress)
+        return _train_study(study, uri, jobs, device_list, ray_pool, progress, fuse or study.fuse)
     finally:
         if ray_pool is not None:
             ray_pool.close()
@@ -374,7 +428,7 @@ def _print_runs(study: Study) -> None:
 
 
 def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool: Any,
-                 progress: bool, array: "launch.SubmititLauncher | None" = None) -> StudyResult:
+                 progress: bool, fuse: str, array: "launch.SubmititLauncher | None" = None) -> StudyResult:
     """Open the parent run, plan, train what is left under it, and close it with how the study ended."""
     client = connect(uri)  # from here on the store exists
     experiment_id = get_or_create_experiment(client, study.name, uri)
@@ -387,7 +441,12 @@ def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool
     ledger = _Ledger(study, client, experiment_id)
     try:
         plan = plan_runs(client, experiment_id, study)
-        _banner(study, uri, parent.run_id, reused, plan, jobs, ray_pool, devices, array)
+        # A worker's CPU threads: a share of the cores (launch.run_processes), one per Ray task (num_cpus=1).
+        threads = 1 if ray_pool is not None else max(1, launch.cpu_count() // jobs) if jobs > 1 else None
+        # a SLURM array trains one run per task (unfused): each task is its own job on its own node
+        groups = group_runs(plan.todo, plan.start, "off" if array is not None else fuse,
+                            devices[0] if ray_pool is None else _default_device(ray_pool), threads)
+        _banner(study, uri, parent.run_id, reused, plan, jobs, ray_pool, devices, groups, array)
         in_flight = jobs if jobs > 1 else None
         slots = ray_pool.slots(in_flight) if ray_pool is not None else jobs
         slots = array.slots(len(plan.todo)) if array is not None else slots
@@ -399,11 +458,11 @@ def _train_study(study: Study, uri: str, jobs: int, devices: list[str], ray_pool
                 ledger.reporter.close()
                 return _submitted(study, parent, job_ids, array, uri, started)
         elif ray_pool is not None:
-            ray_pool.run(plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done, max_in_flight=in_flight)
+            ray_pool.run(groups, parent.run_id, tags, ledger.reporter, ledger.on_done, max_in_flight=in_flight)
         elif jobs == 1:
-            launch.run_inline(plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done, devices[0])
+            launch.run_inline(groups, parent.run_id, tags, ledger.reporter, ledger.on_done, devices[0])
         else:
-            launch.run_processes(plan.todo, parent.run_id, tags, ledger.reporter, ledger.on_done, jobs, devices)
+            launch.run_processes(groups, parent.run_id, tags, ledger.reporter, ledger.on_done, jobs, devices)
         ledger.reporter.close()
     except KeyboardInterrupt:
         parent.set_tags({"failed_runs": str(len(ledger.failed()))})
@@ -470,13 +529,16 @@ class _Ledger:
 
 
 def _banner(study: Study, uri: str, parent_id: str, reused: bool, plan: Plan, jobs: int,
-            ray_pool: Any, devices: list[str], array: Any = None) -> None:
+            ray_pool: Any, devices: list[str], groups: list[Group], array: Any = None) -> None:
     where = f"Ray ({ray_pool.describe()})" if ray_pool is not None else \
         f"{jobs} job{'s' if jobs > 1 else ''} on {', '.join(devices)}"
     where = array.describe() if array is not None else where
     resuming = f" ({len(plan.resume)} resuming from checkpoints)" if plan.resume else ""
+    fused = [len(g) for g in groups if len(g) > 1]
+    fusion = (f" ({sum(fused)} of them as {len(fused)} fused model{'s' if len(fused) > 1 else ''} of "
+              f"{', '.join(map(str, fused))} nets)") if fused else ""
     print(f"study {study.name} ({study.scale} scale, {study.path}): {len(study.runs)} runs, "
-          f"{len(plan.done)} already finished, {len(plan.todo)} to train{resuming}; {where}; "
+          f"{len(plan.done)} already finished, {len(plan.todo)} to train{resuming}{fusion}; {where}; "
           f"tracking {display_uri(uri)}, parent run {parent_id}{' (reused)' if reused else ''}", flush=True)
     if plan.killed:
         print(f"marked {len(plan.killed)} run(s) left RUNNING without a checkpoint KILLED: {', '.join(plan.killed)}",

@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-run", type=float, help="GPUs each Ray task asks for, e.g. 0.25 (default 1)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db); "
                                           "use an http:// server for Ray clusters")
+    p.add_argument("--fuse", choices=["auto", "on", "off"],
+                   help="train the runs that share a shape (depth, recipe; any seed, plain and residual) as one "
+                        "fused model: auto (default: the study file's fuse, else where measured faster), on, off")
     p.add_argument("--no-progress", action="store_true", help="no progress bars, one line per run start/finish")
     p.add_argument("--dry-run", action="store_true", help="validate the file and list its runs; train nothing")
     p.add_argument("--system-metrics", action="store_true",
@@ -70,7 +73,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     result = run_study(args.file, scale=args.scale, jobs=args.jobs, devices=args.devices, launcher=args.launcher,
                        address=args.address, gpus_per_run=args.gpus_per_run, tracking_uri=args.tracking_uri,
                        progress=not args.no_progress, dry_run=args.dry_run, cluster=args.cluster,
-                       slurm_flags=_slurm_flags(args), wait=not args.no_wait)
+                       slurm_flags=_slurm_flags(args), wait=not args.no_wait, fuse=args.fuse)
     if result is None:
         return 0
     if result.failed:

@@ -8,6 +8,7 @@ A study file::
     depths = [20, 32, 44, 56]         # 6n+2 (CIFAR family) or 18/34 (ImageNet family)
     models = ["resnet-110"]           # explicit extra models
     seeds = [0]                       # default [0]
+    fuse = "auto"                     # auto / on / off: train runs of one shape as one fused model
 
     [train]                           # TrainConfig fields ('resnet-lab train --help-config')
     dataset = "fashion-mnist"
@@ -17,7 +18,7 @@ A study file::
     warmup_iterations = 400
 
     [cpu]                             # required: the reduced scale used without CUDA;
-    depths = [20, 56]                 # archs/depths/models/seeds here replace the top-level ones
+    depths = [20, 56]                 # archs/depths/models/seeds/fuse here replace the top-level ones
     models = []
     [cpu.train]                       # merged over [train]
     train_size = 10000
@@ -50,11 +51,12 @@ from . import slurm as SLURM
 from .errors import UserError
 from .models import parse_model_name
 from .scales import SCALES
+from .speed import FUSE_CHOICES
 
 ARCHS = {"plain": "plain", "resnet": "resnet", "residual": "resnet"}  # study arch -> model name prefix
 GRID_KEYS = ("archs", "depths", "models", "seeds")
-TOP_KEYS = ("name", "description", *GRID_KEYS, "train", "overrides", "diagnostics", "cpu", "slurm")
-CPU_KEYS = ("description", *GRID_KEYS, "train", "overrides", "diagnostics")
+TOP_KEYS = ("name", "description", *GRID_KEYS, "fuse", "train", "overrides", "diagnostics", "cpu", "slurm")
+CPU_KEYS = ("description", *GRID_KEYS, "fuse", "train", "overrides", "diagnostics")
 DIAG_KEYS = ("run", "seeds", *DIAG.NAMES)  # [diagnostics] / [cpu.diagnostics]: which, on which seeds, sizes
 SET_BY_STUDY = {
     "model": "the models come from archs x depths and models",
@@ -105,6 +107,7 @@ class Study:
     runs: list[StudyRun] = field(default_factory=list)
     diagnostics: DIAG.DiagnosticsPlan = field(default_factory=DIAG.DiagnosticsPlan)
     slurm: SLURM.Settings = field(default_factory=SLURM.Settings)  # [slurm]: sbatch settings (--launcher submitit)
+    fuse: str = "auto"  # auto / on / off (``study.group_runs``); ``--fuse`` overrides it
 
     def params(self) -> dict[str, str]:
         """The parent run's params: the grid of this scale, the effective [train] table as
@@ -145,7 +148,7 @@ def load_scales(path: str | Path) -> dict[str, Study]:
     path = Path(path)
     err = _FileError(path)
     data = _read(path)
-    _check_keys(data, TOP_KEYS, "", err, "a study has name, description, archs, depths, models, seeds, "
+    _check_keys(data, TOP_KEYS, "", err, "a study has name, description, archs, depths, models, seeds, fuse, "
                 "[train], [overrides.MODEL], [cpu] and [slurm]")
     name = data.get("name", path.stem)
     try:
@@ -159,7 +162,7 @@ def load_scales(path: str | Path) -> dict[str, Study]:
     cpu = data["cpu"]
     if not isinstance(cpu, dict):
         raise err(f"cpu must be a table ([cpu]) of reduced settings, got {cpu!r}")
-    _check_keys(cpu, CPU_KEYS, "[cpu] ", err, "[cpu] may set description, archs, depths, models, seeds, "
+    _check_keys(cpu, CPU_KEYS, "[cpu] ", err, "[cpu] may set description, archs, depths, models, seeds, fuse, "
                 "[cpu.train] and [cpu.overrides.MODEL]")
 
     full_grid = _grid_settings(data, "", err)
@@ -177,6 +180,8 @@ def load_scales(path: str | Path) -> dict[str, Study]:
     small = _expand(name, path, "cpu", cpu_description, cpu_grid, cpu_models,
                     [("train", train), ("cpu.train", cpu_train)],
                     [("overrides", overrides), ("cpu.overrides", cpu_overrides)], err)
+    full.fuse = _fuse(data, "", "auto", err)
+    small.fuse = _fuse(cpu, "[cpu] ", full.fuse, err)
     full.diagnostics = _diagnostics(data.get("diagnostics", {}), "diagnostics", DIAG.FULL, None, full.seeds, err)
     small.diagnostics = _diagnostics(cpu.get("diagnostics", {}), "cpu.diagnostics", DIAG.CPU,
                                      full.diagnostics.names if "diagnostics" in data else None, small.seeds, err)
@@ -263,6 +268,13 @@ def _string(table: dict[str, Any], key: str, label: str, err: _FileError) -> str
     value = table.get(key)
     if value is not None and not isinstance(value, str):
         raise err(f"{label}{key} must be a string, got {value!r}")
+    return value
+
+
+def _fuse(table: dict[str, Any], label: str, default: str, err: _FileError) -> str:
+    value = table.get("fuse", default)
+    if value not in FUSE_CHOICES:
+        raise err(f'{label}fuse must be "auto", "on" or "off", got {value!r}')
     return value
 
 

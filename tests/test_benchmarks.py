@@ -42,6 +42,15 @@ def test_throughput_runs(tmp_path: Path) -> None:
     assert labs == {"lab fp32 contiguous", "lab fp32 channels_last"}  # one row per precision x layout
 
 
+def test_fused_speed_runs(tmp_path: Path) -> None:
+    """fused_speed.py reads both study files and times every group both ways, rounds alternated."""
+    stdout, rows = run("fused_speed.py", "--device", "cpu", "--quick", "--precision", "fp32", tmp_path=tmp_path)
+    assert "command: python" in stdout and "load average" in stdout and "device cpu: CPU" in stdout
+    assert {r["workload"] for r in rows} == {"default", "paper"}
+    assert all(float(r["fused_s_per_step"]) > 0 and float(r["unfused_s_per_step"]) > 0 for r in rows)
+    assert "default: training" in stdout and "paper: training" in stdout
+
+
 @pytest.fixture(scope="module")
 def report_time(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[dict[str, str]]]:
     """report_time.py on a small full-layout store, kept for ui_load.py (building one costs seconds)."""

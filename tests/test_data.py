@@ -474,8 +474,11 @@ def test_seed_changes_batches_and_global_rng_is_untouched() -> None:
 
 
 def test_batch_larger_than_train_split_is_an_error() -> None:
-    with pytest.raises(UserError, match="batch size"):
-        loader(random_split(10), batch_size=16)
+    """Checked once, where the data is loaded; a loader built anyway has no batches and says so."""
+    with pytest.raises(UserError, match="batch size 4096 is larger than the 2048 training examples"):
+        load_dataset("synthetic", batch_size=4096)
+    with pytest.raises(UserError, match="no batches"):
+        next(loader(random_split(10), batch_size=16).batches())
 
 
 def test_download_is_the_last_resort_and_its_failure_is_one_line(tmp_path: Path,

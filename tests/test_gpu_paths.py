@@ -96,7 +96,7 @@ def test_a_checkpoint_of_cuda_1_on_a_two_gpu_node_resumes_in_a_one_gpu_worker(
     """Written by a run on cuda:1 of a 2-GPU node; resumed where only that GPU is visible (its
     cuda:0): only the run's own GPU state is saved and it goes back to the run's GPU, no IndexError."""
     sets = _fake_cuda_rng(monkeypatch, gpus)
-    state, _, _ = train_mod._start(prepare(_cfg(tracking_uri, "rng")))
+    state = train_mod.start([prepare(_cfg(tracking_uri, "rng"))]).states[0]
     gpus.count, state.window = 2, _window_on(1)
     saved = state.capture("run", "hash")
     gpus.count, state.window = 1, _window_on(0)
@@ -284,14 +284,14 @@ def test_images_per_s_leaves_out_the_checkpoint_write(tracking_uri: str, tmp_pat
             clock[0] += 1.0
             return clock[0]
 
-    real_checkpoint = train_mod._checkpoint
+    real_checkpoint = train_mod.runlog.checkpoint
 
     def slow_checkpoint(*args: Any) -> None:
         real_checkpoint(*args)
         clock[0] += 1000.0
 
     monkeypatch.setattr(train_mod, "time", FakeTime)
-    monkeypatch.setattr(train_mod, "_checkpoint", slow_checkpoint)
+    monkeypatch.setattr(train_mod.runlog, "checkpoint", slow_checkpoint)
     cfg = _cfg(tracking_uri, "window", checkpoint_every=10, checkpoint_dir=str(tmp_path), iterations=30)
     result = train(cfg)
     history = MlflowClient(tracking_uri).get_metric_history(result.run_id, "perf/images_per_s")
@@ -358,8 +358,8 @@ def test_a_devices_worker_sees_only_its_gpu(tmp_path: Path, monkeypatch: pytest.
     path = tmp_path / "s.toml"
     path.write_text('name = "s"\ndepths = [8]\n[train]\ndataset = "synthetic"\n[cpu]\n')
     run = load_scales(path)["full"].runs[0]
-    worker = launch._start_worker(_FakeCtx(), run, "cuda:1", "parent", {}, threads=1)
-    assert (worker.proc.env, worker.proc.cfg.device, worker.device) == (expect, "cuda", "cuda:1")
+    worker = launch._start_worker(_FakeCtx(), [run], "cuda:1", "parent", {}, threads=1)
+    assert (worker.proc.env, worker.proc.cfg[0].device, worker.device) == (expect, "cuda", "cuda:1")
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == visible
-    cpu = launch._start_worker(_FakeCtx(), run, "cpu", "parent", {}, threads=1)
-    assert (cpu.proc.env, cpu.proc.cfg.device) == (visible, "cpu")
+    cpu = launch._start_worker(_FakeCtx(), [run], "cpu", "parent", {}, threads=1)
+    assert (cpu.proc.env, cpu.proc.cfg[0].device) == (visible, "cpu")

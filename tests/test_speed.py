@@ -19,7 +19,8 @@ from resnet_lab.models import build_model
 from resnet_lab.speed import (COMPILE_AFTER_ITERATIONS_CPU, COMPILE_AFTER_ITERATIONS_CUDA, CPU_BF16_ENV, CompiledStep,
                                Speed, choose_compile, cpu_bf16_units, native_bf16, plan, sgd_options)
 from resnet_lab.data import DeviceLoader, Split
-from resnet_lab.train import _start, evaluate, prepare, run_tags, train, train_step
+from resnet_lab.runlog import run_tags
+from resnet_lab.train import evaluate, prepare, start, train, train_step
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -212,7 +213,7 @@ TEN_NETS = [("resnet-8", "A"), ("resnet-8", "B"), ("resnet-8", "C"), ("plain-8",
 def test_an_inline_study_of_ten_nets_compiles_every_net(monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 15: without fresh compiler caches per run, nets 9 and 10 would run eager, silently.
 
-    Each net is set up as ``train`` does (``prepare``, ``_start``) and takes two SGD steps; the
+    Each net is set up as ``train`` does (``prepare``, ``start``) and takes two SGD steps; the
     backend records each graph dynamo hands it and runs it as traced (inductor would spend
     minutes compiling the same graphs; dynamo's recompile limit is hit before any backend)."""
     graphs: list[int] = []
@@ -228,12 +229,12 @@ def test_an_inline_study_of_ten_nets_compiles_every_net(monkeypatch: pytest.Monk
         cfg = TrainConfig(model=model, shortcut=shortcut, dataset="synthetic", iterations=2, batch_size=4,
                           probes=False, compile=True, device="cpu", checkpoint_every=0)
         setup = prepare(cfg)
-        state, step_model, _ = _start(setup)
-        batches = state.loader.batches()
+        group = start([setup])
+        batches = group.states[0].loader.batches()
         for _ in range(2):
-            train_step(step_model, state, setup.cfg, next(batches), setup.speed)
+            train_step(group.model, group.states, setup.cfg, [next(batches)], setup.speed)
         per_net.append(len(graphs) - before)
-        assert step_model.compiled
+        assert group.model.compiled
     assert all(n >= 1 for n in per_net), per_net
 
 
@@ -274,3 +275,17 @@ def test_evaluation_runs_in_the_run_precision_and_the_tags_say_which() -> None:
     assert logits.dtype == torch.float32
     assert loss == pytest.approx(F.cross_entropy(logits, split.labels).item(), rel=1e-5)
     assert error == pytest.approx(100.0 * (logits.argmax(1) != split.labels).float().mean().item())
+
+
+def test_fuse_rule_forces_on_and_off_and_never_fuses_one_net() -> None:
+    """--fuse on|off force it; auto fuses on CPU with 2+ threads (measured faster) but not with one
+    (measured slower), and on CUDA (unmeasured: HFTA's evidence); a lone net has nothing to fuse with."""
+    from resnet_lab.speed import FUSE_CHOICES, choose_fuse
+    assert FUSE_CHOICES == ("auto", "on", "off")
+    assert choose_fuse(CPU, "auto", 6, threads=2) and not choose_fuse(CPU, "auto", 6, threads=1)
+    assert choose_fuse(CUDA, "auto", 6) and choose_fuse(CPU, "on", 2, threads=1)
+    for device in (CPU, CUDA):
+        assert not choose_fuse(device, "off", 6, threads=2)
+        assert not any(choose_fuse(device, asked, 1, threads=2) for asked in FUSE_CHOICES)
+    assert not choose_fuse(torch.device("mps"), "auto", 6)  # never measured: stays unfused
+    assert choose_fuse(torch.device("mps"), "on", 6)

@@ -78,6 +78,8 @@ BAD = {  # id: (top, train, cpu, words the one-line error must contain)
                              ["[overrides.resnet-110]", "names no model of this study"]),
     "cpu milestones": ("depths = [8]", "milestones = [10, 15]", "[cpu.train]\niterations = 12",
                        ["[cpu.train]", "milestone 15 is not before the last iteration 12"]),
+    "bad fuse": ('depths = [8]\nfuse = "yes"', "", "", ['fuse must be "auto", "on" or "off"', "'yes'"]),
+    "bad cpu fuse": ("depths = [8]", "", "fuse = true", ['[cpu] fuse must be', "True"]),
     "override against cpu scale": ("depths = [8]\n[overrides.plain-8]\nwarmup_iterations = 15", "",
                                    "[cpu.train]\niterations = 12",
                                    ["[overrides.plain-8]", "warmup_iterations 15", "cpu scale"]),
@@ -374,10 +376,10 @@ def test_progress_lines_and_an_eta_weighted_by_depth(tmp_path: Path, monkeypatch
     clock = iter([0.0, 0.0, 10.0, 10.0, 12.0])
     monkeypatch.setattr(launch.time, "perf_counter", lambda: next(clock))
     reporter = launch.Reporter(runs, {4}, "t", progress=False, jobs=2)  # plain-56-s1 finished before
-    reporter.started(runs[0], "cpu")  # t = 0, both slots busy
-    reporter.started(runs[2], "cpu")
+    reporter.started([runs[0]], "cpu")  # t = 0, both slots busy
+    reporter.started([runs[2]], "cpu")
     reporter.done(runs[0], "[1/4] plain-20-s0 finished")  # t = 10: 10 s per 20 layers
-    reporter.started(runs[1], "cpu")
+    reporter.started([runs[1]], "cpu")
     reporter.done(runs[2], "[3/4] plain-20-s1 finished")  # t = 12: 11 s per 20 layers
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "[1/4] plain-20-s0 started on cpu"
@@ -459,8 +461,9 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_study(tmp_path: Path
         at = torch.load(ckpt, weights_only=False)["iteration"]
         stored = _last_step(db, "train/loss")
         client = MlflowClient(f"sqlite:///{db}")
-        (before,) = _children(client, "kill").values()
-        assert before.info.status == "RUNNING" and before.info.run_name == "plain-8-s0"
+        killed_runs = _children(client, "kill")  # both nets if the study trained them fused (--fuse on)
+        before = killed_runs["plain-8-s0"]
+        assert all(r.info.status == "RUNNING" for r in killed_runs.values())
 
         procs.append(rerun := _study_cmd(path, killed))
         assert rerun.wait(timeout=300) == 0, log.read_text()
@@ -476,7 +479,8 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_study(tmp_path: Path
     ref_client = MlflowClient(f"sqlite:///{reference / 'mlflow.db'}")
     want = _children(ref_client, "kill")
     assert set(got) == set(want) == {"plain-8-s0", "resnet-8-s0"}
-    assert got["plain-8-s0"].info.run_id == before.info.run_id  # resumed in the same MLflow run
+    for name, run in killed_runs.items():
+        assert got[name].info.run_id == run.info.run_id  # resumed in the same MLflow run
     assert all(r.info.status == "FINISHED" for r in got.values())
     for name in got:
         a, b = _histories(client, got[name].info.run_id), _histories(ref_client, want[name].info.run_id)

@@ -221,17 +221,17 @@ def test_a_checkpoint_stays_the_same_size_over_a_run_its_rows_go_beside_it(
     """Grad norms are recorded every step; a checkpoint holding them grew by a row per step (57 MB for a
     ResNet-110 at the end, issue 25). Now each checkpoint appends the new rows to ``<ckpt>.grad_rows`` and
     keeps their count: its own size is flat, and the rows file grows by exactly the rows of the interval."""
-    import resnet_lab.train as train_mod
+    import resnet_lab.runlog as runlog_mod
     from resnet_lab.checkpoint import history_path
 
     sizes: list[tuple[int, int]] = []
-    real = train_mod.save_atomic
+    real = runlog_mod.save_atomic
 
     def save_atomic(state: dict, path: Path) -> None:
         real(state, path)
         sizes.append((path.stat().st_size, history_path(path).stat().st_size))
 
-    monkeypatch.setattr(train_mod, "save_atomic", save_atomic)
+    monkeypatch.setattr(runlog_mod, "save_atomic", save_atomic)
     cfg = _cfg(tracking_uri, "ckpt-size", model="resnet-20", iterations=100, checkpoint_every=20, log_every=10,
                eval_every=100, checkpoint_dir=str(tmp_path))
     assert train(cfg).status == "FINISHED"
@@ -397,3 +397,21 @@ def test_system_metrics_are_logged_by_mlflows_monitor(tracking_uri: str, monkeyp
     result = train(_cfg(tracking_uri, "system", iterations=20))
     keys = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
     assert any(k.startswith("system/cpu_utilization") for k in keys) and "final/test_error" in keys
+
+
+def test_train_ends_its_bar_with_one_final_value_and_says_how_to_open_the_run(
+        tracking_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 24: every drawing of the bar at 100 % (tqdm draws it at the last update and at close) shows
+    the same final loss, error and images/s (it showed the previous window's, then the last one's),
+    and the last line says how to open the run."""
+    import re
+
+    code = main(["train", "--model", "resnet-8", "--dataset", "synthetic", "--iterations", "10", "--device", "cpu",
+                 "--tracking-uri", tracking_uri, "--experiment", "bar", "--set", "log_every=5",
+                 "--set", "batch_size=32", "--set", "eval_batch_size=512", "--set", "checkpoint_every=0"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    finals = {m.group(0) for line in re.split(r"[\r\n]", err) if "100%" in line
+              for m in [re.search(r"err=\S+, img_s=\d+, loss=\S+", line)] if m}
+    assert len(finals) == 1, finals
+    assert out.splitlines()[-1] == f"open it: resnet-lab ui bar --tracking-uri {tracking_uri}"
