@@ -204,9 +204,11 @@ compiled() {  # compiled NAME MODELS...: eager and both compile modes, the compi
     throughput "$name" --models "$@" --compile --compile-modes "${modes[@]}" --compile-backend "$BACKEND"
 }
 
-fused() {
+fused() {  # fused vs unfused steps, the projected paper-study time; bf16 on CUDA as the lab trains there
     [ -f benchmarks/fused_speed.py ] || { echo "skipped: no benchmarks/fused_speed.py"; return 77; }
-    (cd benchmarks && "$PY" fused_speed.py --device "$DEV" --csv "$WORK/timings/fused.csv")
+    local how=(--precision bf16)
+    [ "$CPU" = 1 ] && how=(--quick)  # the full CPU run takes many minutes
+    (cd benchmarks && "$PY" fused_speed.py --device "$DEV" "${how[@]}" --csv "$WORK/timings/fused.csv")
 }
 
 fashion_mnist() {

@@ -67,7 +67,7 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 # Published training-set sizes and image sides, for runs given in epochs and for scaling a step's time
 # from the CIFAR-shaped 32x32 batches measured here (a conv net's work grows with the pixels).
 TRAIN_IMAGES = {"cifar10": 50_000, "fashion-mnist": 60_000, "synthetic": 2048}
-IMAGE_SIDE = {"cifar10": 32, "fashion-mnist": 28, "synthetic": 28}
+IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion-mnist": 28, "synthetic": 28}
 DEFAULTS = {  # CPU: a whole run stays within ~5 min on 2 idle cores
     "cpu": dict(windows=3, steps=3, warmup=2, images=50_000, ref_workers=[0, 2]),
     "cuda": dict(windows=10, steps=50, warmup=30, images=50_000, ref_workers=[2, min(8, os.cpu_count() or 2)]),

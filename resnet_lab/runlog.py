@@ -9,6 +9,7 @@ artifacts and checkpoint file, so a run can be resumed fused or unfused.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,28 @@ from .tracking import RunTracker, git_commit, resolve_tracking_uri, system_metri
 
 if TYPE_CHECKING:
     from .config import TrainConfig
-    from .train import Setup
+    from .data import Dataset
+    from .models import ResNet
+    from .speed import Speed
+
+
+@dataclass
+class Setup:
+    """One net, built and checked against its data before any MLflow run exists.
+
+    ``cfg`` is the resolved config (milestones filled in) and the only one training sees. The
+    config as given is used for the run's identity alone, taken here before resolving: its
+    ``config_hash`` (what a study matches finished runs on) and its checkpoint path.
+    """
+
+    cfg: TrainConfig
+    config_hash: str
+    checkpoint: Path | None  # None when checkpoints are off
+    device: torch.device
+    speed: Speed  # precision, layout and compile, decided once for this run
+    data: Dataset
+    model: ResNet
+    iterations: int
 
 
 def model_tags(setup: Setup) -> dict[str, str]:

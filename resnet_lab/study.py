@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import launch, slurm
 from .checkpoint import checkpoint_path
 from .checkpoint import load as load_checkpoint
@@ -373,7 +375,7 @@ def _run_array(scales: dict[str, Study], path: str | Path, scale: str, uri: str,
         _print_runs(study)
         return None
     ensure_data(study)
-    return _train_study(study, uri, 1, [device], None, False, array=array)
+    return _train_study(study, uri, 1, [device], None, False, "off", array=array)
 
 
 def _pick_scale(scales: dict[str, Study], path: str | Path, scale: str, ray_pool: Any) -> Study:

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import runlog
+from .runlog import Setup
 from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path, history_path
 from .config import TrainConfig
 from .data import Dataset, DeviceLoader, load_dataset, plateau_subset
@@ -77,25 +78,6 @@ def evaluate(model: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[floa
     model.train(was_training)
     loss_sum, errors = total.tolist()
     return loss_sum / n, 100.0 * errors / n
-
-
-@dataclass
-class Setup:
-    """One net, built and checked against its data before any MLflow run exists.
-
-    ``cfg`` is the resolved config (milestones filled in) and the only one training sees. The
-    config as given is used for the run's identity alone, taken here before resolving: its
-    ``config_hash`` (what a study matches finished runs on) and its checkpoint path.
-    """
-
-    cfg: TrainConfig
-    config_hash: str
-    checkpoint: Path | None  # None when checkpoints are off
-    device: torch.device
-    speed: Speed  # precision, layout and compile, decided once for this run
-    data: Dataset
-    model: ResNet
-    iterations: int
 
 
 def prepare(cfg: TrainConfig, datasets: dict[tuple, Dataset] | None = None) -> Setup:

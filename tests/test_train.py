@@ -51,8 +51,9 @@ def test_synthetic_run_learns_and_logs_a_complete_run(tracking_uri: str) -> None
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.json", "model", "probes"} <= artifacts
     # the final weights, and those of iteration 0 for the diagnostics (issue 16)
-    assert sorted(a.path for a in client.list_artifacts(result.run_id, "model")) == \
-        ["model/init_state_dict.pt", "model/state_dict.pt"]
+    # (issue 23: beside them, the MLflow model runs:/<id>/model, whose descriptor is MLmodel)
+    assert {"model/init_state_dict.pt", "model/state_dict.pt", "model/MLmodel"} <= \
+        {a.path for a in client.list_artifacts(result.run_id, "model")}
     # issue 14: what the UI shows without clicks: final errors, depth/arch/shortcut params, a description, figures
     assert run.data.metrics["final/test_error"] == _history(client, result.run_id, "test/error")[-1][1]
     assert run.data.metrics["final/train_error"] == _history(client, result.run_id, "train/error")[-1][1]
