@@ -164,8 +164,8 @@ def choose_fuse(device: torch.device, asked: str, nets: int, threads: int | None
 
     * CPU with 2+ intra-op ``threads`` (default: torch's current count): faster. K times fewer,
       K times larger ops mean K times fewer parallel regions to synchronise; the default study's
-      training ran 2.6x faster fused on a shared 2-core AMD EPYC, and issue 26's quiet 2-core Xeon
-      micro-benchmark gave 1.1-1.25x in fp32.
+      training steps ran 1.09x faster fused on a quiet 2-core AMD EPYC in fp32 (2.6x on the same
+      machine heavily shared), and issue 26's quiet 2-core Xeon micro-benchmark gave 1.1-1.25x.
     * CPU with 1 thread (e.g. ``--jobs 2`` on 2 cores): slower, 0.86x on the same machine: with no
       parallel region to save, the K times larger activations only cost cache. Not fused.
     * CUDA: not measured here (no GPU lent). Fused, on HFTA's evidence (Wang et al., MLSys 2021:
