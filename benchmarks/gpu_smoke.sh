@@ -14,7 +14,7 @@
 # training steps under torch.cuda.set_sync_debug_mode("error") (no host sync in the step); study: a
 # 2-run study with --devices 0 --jobs 2; bench: throughput.py, the lab vs the reference loop for
 # resnet-20/56/110 in fp32 and bf16, eager, plus probe_overhead.py; compile: resnet-20 compiled
-# (default and reduce-overhead, fp32 and bf16); fused: benchmarks/fused_speed.py when it exists;
+# (default and reduce-overhead, fp32 and bf16); fused: benchmarks/fused_speed.py (bf16; --quick with --cpu);
 # fashion: resnet-20 and plain-20 on real Fashion-MNIST for 2,000 iterations. Not in the first
 # command (its compiles take minutes): compile-deep, resnet-56 and resnet-110 compiled likewise.
 #
