@@ -61,6 +61,8 @@ batch_size = 32
 log_every = 10
 eval_every = 20
 eval_batch_size = 512
+# fp32 stated: the lesion baseline (diagnosed in fp32) is compared with the run's own test error
+precision = "fp32"
 checkpoint_dir = "{ckpt}"
 [diagnostics]
 {full}
