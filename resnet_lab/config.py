@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import tomllib
 import types
 import typing
@@ -199,7 +198,6 @@ def _positive(cfg: TrainConfig, name: str) -> None:
 
 def _check_compile(device: str) -> None:
     """torch.compile needs dynamo for this Python and, on CPU, a C++ compiler for inductor's kernels."""
-    import torch
     from torch._dynamo import is_dynamo_supported
 
     if not is_dynamo_supported():

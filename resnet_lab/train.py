@@ -29,7 +29,7 @@ from .checkpoint import Interrupted, StopFlag, TrainState, checkpoint_path, hist
 from .config import TrainConfig
 from .data import Dataset, DeviceLoader, load_dataset, plateau_subset
 from .device import select_device, sum_dtype
-from .errors import UserError, check_can_create
+from .errors import check_can_create
 from .fused import FusedResNet
 from .models import ResNet, build_model
 from .probes import Probes
