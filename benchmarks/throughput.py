@@ -52,7 +52,7 @@ from bench_common import (add_threads_option, device_name, header, lab_step, loa
                           set_threads, timed, write_csv)
 from resnet_lab.checkpoint import TrainState
 from resnet_lab.config import TrainConfig
-from resnet_lab.data import DeviceLoader, Split
+from resnet_lab.data import IMAGE_SHAPE, DeviceLoader, Split
 from resnet_lab.errors import UserError
 from resnet_lab.models import build_model, parse_model_name
 from resnet_lab.probes import Probes
@@ -67,7 +67,6 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 # Published training-set sizes and image sides, for runs given in epochs and for scaling a step's time
 # from the CIFAR-shaped 32x32 batches measured here (a conv net's work grows with the pixels).
 TRAIN_IMAGES = {"cifar10": 50_000, "fashion-mnist": 60_000, "synthetic": 2048}
-IMAGE_SIDE = {"cifar10": 32, "cifar100": 32, "fashion-mnist": 28, "synthetic": 28}
 DEFAULTS = {  # CPU: a whole run stays within ~5 min on 2 idle cores
     "cpu": dict(windows=3, steps=3, warmup=2, images=50_000, ref_workers=[0, 2]),
     "cuda": dict(windows=10, steps=50, warmup=30, images=50_000, ref_workers=[2, min(8, os.cpu_count() or 2)]),
@@ -224,7 +223,7 @@ def run_steps(cfg: TrainConfig) -> int:
 
 def step_scale(cfg: TrainConfig) -> float:
     """A run's step time over a measured 32x32, batch-128 step: batch and pixels (resize included)."""
-    side = cfg.resize or IMAGE_SIDE[cfg.dataset]
+    side = cfg.resize or IMAGE_SHAPE[cfg.dataset][1]
     return cfg.batch_size / BATCH * side * side / (32 * 32)
 
 

@@ -89,17 +89,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     from .config import TrainConfig
+    from .data import IMAGE_SHAPE, NUM_CLASSES
     from .models import build_model, count_parameters, layer_table
 
     # the model, dataset, size and shortcut checked as train checks them; train's dataset by default
     given = {k: v for k, v in {"dataset": args.dataset, "resize": args.resize, "shortcut": args.shortcut}.items()
              if v is not None}
     cfg = TrainConfig(model=args.model, **given).validate()
-    shapes = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic": (1, 28, 28)}
-    c, h, w = shapes[cfg.dataset]
+    c, h, w = IMAGE_SHAPE[cfg.dataset]
     if cfg.resize is not None:
         h = w = cfg.resize
-    model = build_model(cfg.model, in_channels=c, num_classes=100 if cfg.dataset == "cifar100" else 10, shortcut=cfg.shortcut)
+    model = build_model(cfg.model, in_channels=c, num_classes=NUM_CLASSES[cfg.dataset], shortcut=cfg.shortcut)
     rows = layer_table(model, (c, h, w))
     width = max(len(r[0]) for r in rows)
     print(f"{model.spec.name} ({model.spec.arch}, shortcut {model.shortcut_option if model.spec.residual else 'none'}) "

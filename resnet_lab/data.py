@@ -25,6 +25,8 @@ from resnet_lab.errors import UserError
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
 NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "synthetic": 10}
+# (channels, height, width) of each dataset's images as stored, before any resize
+IMAGE_SHAPE = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic": (1, 28, 28)}
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # `apt-get install dataset-fashion-mnist`
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
